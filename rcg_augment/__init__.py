@@ -1,0 +1,12 @@
+"""rcg-augment: RCG (representation-conditioned generation) as a data-augmentation plugin."""
+
+from importlib.metadata import PackageNotFoundError, version
+
+from .pipeline import PIPELINE_PRESETS, PipelineConfig, RCGPipeline
+
+try:
+    __version__ = version("rcg-augment")
+except PackageNotFoundError:  # running from a source tree without an install
+    __version__ = "0.0.0+unknown"
+
+__all__ = ["PIPELINE_PRESETS", "PipelineConfig", "RCGPipeline", "__version__"]

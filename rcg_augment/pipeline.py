@@ -1,0 +1,469 @@
+"""RCGPipeline: encoder -> representation diffusion -> MAGE -> VQ decoder, in one object.
+
+The pipeline owns device and dtype, validates inputs, and is the one thing the transforms, the
+dataset builder and the CLI call.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from .models.encoder import ENCODER_PRESETS, EncoderConfig, RepresentationEncoder
+from .models.mage import MAGE, MAGE_PRESETS, MAGEConfig
+from .models.rdm import RDM_PRESETS, RDMConfig, RepresentationDenoiser
+from .models.tokenizer import TOKENIZER_PRESETS, TokenizerConfig, VQTokenizer
+from .sampling.diffusion import DDIMSampler, NoiseSchedule
+from .sampling.maskgit import maskgit_decode
+
+logger = logging.getLogger(__name__)
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+FORMAT_VERSION = 1
+
+
+class ConfigError(ValueError):
+    """A pipeline config (JSON or arguments) that does not describe a valid pipeline."""
+
+
+@dataclass
+class SamplingDefaults:
+    """Default generation settings; every one can be overridden per call."""
+
+    cfg: float = 0.0
+    temperature: float | None = None  # None: the MAGE config's value
+    num_iter: int | None = None  # None: the MAGE config's value
+    rdm_steps: int | None = None  # None: the RDM config's sampling_steps
+    eta: float | None = None  # None: the RDM config's eta
+
+
+@dataclass
+class PipelineConfig:
+    """The four model configs plus sampling defaults and provenance metadata."""
+
+    encoder: EncoderConfig
+    rdm: RDMConfig
+    tokenizer: TokenizerConfig
+    mage: MAGEConfig
+    defaults: SamplingDefaults = field(default_factory=SamplingDefaults)
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        e, r, t, m = self.encoder, self.rdm, self.tokenizer, self.mage
+        problems = []
+        if not e.rep_dim == r.rep_dim == m.rep_dim:
+            problems.append(f"rep_dim differs: encoder {e.rep_dim}, rdm {r.rep_dim}, mage {m.rep_dim}")
+        if t.grid_size**2 != m.num_tokens:
+            problems.append(f"tokenizer grid {t.grid_size}x{t.grid_size} != mage num_tokens {m.num_tokens}")
+        if t.codebook_size != m.codebook_size:
+            problems.append(f"codebook_size differs: tokenizer {t.codebook_size}, mage {m.codebook_size}")
+        if e.in_channels != t.in_channels:
+            problems.append(f"in_channels differs: encoder {e.in_channels}, tokenizer {t.in_channels}")
+        if problems:
+            raise ConfigError("inconsistent pipeline config: " + "; ".join(problems))
+
+    def to_dict(self) -> dict:
+        return {
+            "format_version": FORMAT_VERSION,
+            "encoder": dataclasses.asdict(self.encoder),
+            "rdm": dataclasses.asdict(self.rdm),
+            "tokenizer": dataclasses.asdict(self.tokenizer),
+            "mage": dataclasses.asdict(self.mage),
+            "defaults": dataclasses.asdict(self.defaults),
+            "metadata": dict(self.metadata),
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict, *, source: str = "config") -> PipelineConfig:
+        if not isinstance(data, dict):
+            raise ConfigError(f"{source}: expected a JSON object, got {type(data).__name__}")
+        version = data.get("format_version", FORMAT_VERSION)
+        if version != FORMAT_VERSION:
+            raise ConfigError(f"{source}: format_version {version} is not supported (expected {FORMAT_VERSION})")
+        sections = {"encoder": EncoderConfig, "rdm": RDMConfig, "tokenizer": TokenizerConfig,
+                    "mage": MAGEConfig, "defaults": SamplingDefaults}
+        allowed = set(sections) | {"metadata", "format_version"}
+        unknown = sorted(set(data) - allowed)
+        if unknown:
+            raise ConfigError(f"{source}: unknown top-level fields {unknown}; expected {sorted(allowed)}")
+        built = {}
+        for name, klass in sections.items():
+            if name not in data:
+                if name == "defaults":
+                    built[name] = SamplingDefaults()
+                    continue
+                raise ConfigError(f"{source}: missing section '{name}'")
+            built[name] = _dataclass_from_dict(klass, data[name], f"{source}: section '{name}'")
+        meta = data.get("metadata", {})
+        if not isinstance(meta, dict):
+            raise ConfigError(f"{source}: 'metadata' must be an object")
+        return cls(**built, metadata=meta)
+
+
+def _dataclass_from_dict(klass, values, where: str):
+    if not isinstance(values, dict):
+        raise ConfigError(f"{where}: expected an object, got {type(values).__name__}")
+    names = {f.name for f in dataclasses.fields(klass)}
+    unknown = sorted(set(values) - names)
+    if unknown:
+        raise ConfigError(f"{where}: unknown fields {unknown}; {klass.__name__} has {sorted(names)}")
+    required = {f.name for f in dataclasses.fields(klass)
+                if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING}
+    missing = sorted(required - set(values))
+    if missing:
+        raise ConfigError(f"{where}: missing fields {missing}")
+    try:
+        return klass(**values)
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"{where}: {err}") from err
+
+
+def _preset(name: str) -> PipelineConfig:
+    if name == "tiny":
+        return PipelineConfig(ENCODER_PRESETS["tiny"], RDM_PRESETS["tiny"], TOKENIZER_PRESETS["tiny"],
+                              MAGE_PRESETS["tiny"], metadata={"preset": "tiny"})
+    if name == "rcg-b":
+        return PipelineConfig(ENCODER_PRESETS["vit_base"], RDM_PRESETS["rdm_vit_base"], TOKENIZER_PRESETS["official"],
+                              MAGE_PRESETS["mage_vit_base"], metadata={"preset": "rcg-b"})
+    if name == "rcg-l":
+        return PipelineConfig(ENCODER_PRESETS["vit_large"], RDM_PRESETS["rdm_vit_large"], TOKENIZER_PRESETS["official"],
+                              MAGE_PRESETS["mage_vit_large"], metadata={"preset": "rcg-l"})
+    raise ValueError(f"unknown preset {name!r}; choose one of {PIPELINE_PRESETS}")
+
+
+PIPELINE_PRESETS = ("tiny", "rcg-b", "rcg-l")
+
+
+def derive_generator(generator: torch.Generator | None, device: torch.device) -> torch.Generator | None:
+    """A generator on ``device`` seeded from ``generator`` (CPU generators can't draw on CUDA)."""
+    if generator is None or generator.device.type == device.type:
+        return generator
+    seed = int(torch.randint(0, 2**62, (1,), generator=generator).item())
+    return torch.Generator(device=device).manual_seed(seed)
+
+
+class RCGPipeline(nn.Module):
+    """Representation-conditioned generation for augmentation.
+
+    Example::
+
+        pipe = RCGPipeline.from_preset("tiny")
+        images = torch.rand(4, 3, 32, 32)
+        variants = pipe.reconstruct(images, noise_level=0.3, generator=torch.Generator().manual_seed(0))
+    """
+
+    def __init__(self, config: PipelineConfig):
+        super().__init__()
+        self.config = config
+        self.encoder = RepresentationEncoder(config.encoder)
+        self.rdm = RepresentationDenoiser(config.rdm)
+        self.tokenizer = VQTokenizer(config.tokenizer)
+        self.mage = MAGE(config.mage)
+        self.schedule = NoiseSchedule.from_config(config.rdm)
+        self.eval()
+
+    # ----------------------------------------------------------------- construction
+    @classmethod
+    def from_preset(cls, name: str, **overrides) -> RCGPipeline:
+        """A randomly initialised pipeline: ``"tiny"`` (32 px, CPU-trainable), ``"rcg-b"``, ``"rcg-l"``.
+
+        ``overrides`` may set ``in_channels`` (encoder, tokenizer) or replace whole sections with
+        ``encoder=EncoderConfig(...)`` etc.
+        """
+        config = _preset(name)
+        in_channels = overrides.pop("in_channels", None)
+        for key, value in overrides.items():
+            if key not in ("encoder", "rdm", "tokenizer", "mage", "defaults", "metadata"):
+                raise TypeError(f"from_preset() got an unexpected override {key!r}")
+            setattr(config, key, value)
+        if in_channels is not None:
+            mean = (sum(config.encoder.mean) / len(config.encoder.mean),) * in_channels
+            std = (sum(config.encoder.std) / len(config.encoder.std),) * in_channels
+            config.encoder = dataclasses.replace(config.encoder, in_channels=in_channels, mean=mean, std=std)
+            config.tokenizer = dataclasses.replace(config.tokenizer, in_channels=in_channels)
+        config = PipelineConfig.from_dict(config.to_dict(), source=f"preset {name!r}")
+        return cls(config)
+
+    @classmethod
+    def from_pretrained(cls, name_or_path: str | os.PathLike, *, device: str | torch.device | None = None) -> RCGPipeline:
+        """Load a directory written by :meth:`save_pretrained`, or a named model (see :mod:`rcg_augment.zoo`)."""
+        from .zoo import resolve_model_dir
+
+        directory = resolve_model_dir(name_or_path)
+        config_path, weights_path = directory / CONFIG_NAME, directory / WEIGHTS_NAME
+        for p in (config_path, weights_path):
+            if not p.is_file():
+                raise FileNotFoundError(f"{directory} is not a saved RCGPipeline: {p.name} is missing")
+        try:
+            data = json.loads(config_path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise ConfigError(f"{config_path}: not valid JSON ({err})") from err
+        pipe = cls(PipelineConfig.from_dict(data, source=str(config_path)))
+        try:
+            state = load_file(str(weights_path))
+        except Exception as err:  # safetensors raises its own error types for corrupt files
+            raise ValueError(f"{weights_path}: not a readable safetensors file ({err})") from err
+        pipe.load_state_dict_checked(state, source=str(weights_path))
+        if device is not None:
+            pipe.to(device)
+        return pipe
+
+    @classmethod
+    def from_official(cls, **kwargs) -> RCGPipeline:
+        """Build from the authors' checkpoint files; see :func:`rcg_augment.official.load_official_pipeline`."""
+        from .official import load_official_pipeline
+
+        return load_official_pipeline(**kwargs)
+
+    def load_state_dict_checked(self, state: dict[str, torch.Tensor], *, source: str) -> None:
+        """Strict load with one error that names the source, missing, unexpected and mis-shaped keys."""
+        own = self.state_dict()
+        missing = sorted(set(own) - set(state))
+        unexpected = sorted(set(state) - set(own))
+        wrong = sorted(k for k in set(own) & set(state) if tuple(own[k].shape) != tuple(state[k].shape))
+        if missing or unexpected or wrong:
+            def show(keys):
+                return ", ".join(keys[:8]) + (f" ... (+{len(keys) - 8})" if len(keys) > 8 else "")
+            parts = []
+            if missing:
+                parts.append(f"missing {len(missing)} keys: {show(missing)}")
+            if unexpected:
+                parts.append(f"unexpected {len(unexpected)} keys: {show(unexpected)}")
+            if wrong:
+                parts.append("wrong shapes: " + ", ".join(
+                    f"{k} expected {tuple(own[k].shape)} found {tuple(state[k].shape)}" for k in wrong[:8]))
+            raise ValueError(f"{source} does not match this pipeline's config: " + "; ".join(parts))
+        self.load_state_dict(state, strict=True)
+
+    def save_pretrained(self, directory: str | os.PathLike, *, metadata: dict | None = None) -> Path:
+        """Write ``config.json`` and ``model.safetensors`` (no pickle) into ``directory``."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        state = {k: v.detach().to("cpu").contiguous() for k, v in self.state_dict().items()}
+        weights_path = directory / WEIGHTS_NAME
+        tmp = weights_path.with_suffix(".tmp")
+        save_file(state, str(tmp))
+        os.replace(tmp, weights_path)
+        digest = hashlib.sha256(weights_path.read_bytes()).hexdigest()
+        self.config.metadata.update(metadata or {})
+        self.config.metadata["weights_sha256"] = digest
+        (directory / CONFIG_NAME).write_text(json.dumps(self.config.to_dict(), indent=2) + "\n")
+        return directory
+
+    # ----------------------------------------------------------------- properties
+    @property
+    def image_size(self) -> int:
+        """Pixel resolution the generator works at (inputs of other sizes are resized)."""
+        return self.config.tokenizer.image_size
+
+    @property
+    def in_channels(self) -> int:
+        return self.config.tokenizer.in_channels
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    def fingerprint(self) -> str:
+        """sha256 over config and weights: identifies a model for caches."""
+        h = hashlib.sha256(json.dumps(self.config.to_dict() | {"metadata": {}}, sort_keys=True).encode())
+        for k, v in sorted(self.state_dict().items()):
+            h.update(k.encode())
+            h.update(v.detach().to("cpu").contiguous().numpy().tobytes())
+        return h.hexdigest()
+
+    def _autocast(self):
+        if self.device.type == "cuda":
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return contextlib.nullcontext()  # float32 on CPU: no fast bf16 there
+
+    # ----------------------------------------------------------------- input checks
+    def _check_images(self, images: torch.Tensor) -> torch.Tensor:
+        if not isinstance(images, torch.Tensor):
+            raise TypeError(f"`images` must be a torch.Tensor (B, C, H, W) in [0, 1], got {type(images).__name__}")
+        if images.ndim != 4:
+            raise ValueError(f"`images` must have shape (B, C, H, W), got {tuple(images.shape)}")
+        if not images.is_floating_point():
+            raise TypeError(f"`images` must be a float tensor in [0, 1], got dtype {images.dtype}")
+        if images.shape[1] != self.in_channels:
+            raise ValueError(
+                f"`images` has {images.shape[1]} channels but this model expects {self.in_channels}; "
+                "convert the images first (RCGAugment does this for PIL/tensor inputs)"
+            )
+        if images.shape[-1] < 1 or images.shape[-2] < 1:
+            raise ValueError(f"`images` has an empty spatial size {tuple(images.shape[-2:])}")
+        if images.numel() and not torch.isfinite(images).all():
+            raise ValueError("`images` contains NaN or infinite values")
+        if images.numel() and (images.min() < -1e-3 or images.max() > 1 + 1e-3):
+            raise ValueError(
+                f"`images` must be in [0, 1], got values in [{images.min().item():.3g}, {images.max().item():.3g}]"
+            )
+        return images.to(self.device, torch.float32).clamp(0, 1)
+
+    def _resize(self, images: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+        if tuple(images.shape[-2:]) == tuple(size):
+            return images
+        return F.interpolate(images, size=size, mode="bicubic", align_corners=False, antialias=True).clamp(0, 1)
+
+    def _settings(self, cfg, temperature, num_iter, rdm_steps, eta) -> dict:
+        """Resolve per-call settings against the defaults and validate them (before any work)."""
+        d = self.config.defaults
+        s = {
+            "cfg": float(d.cfg if cfg is None else cfg),
+            "temperature": float(self.config.mage.temperature if temperature is None and d.temperature is None
+                                 else d.temperature if temperature is None else temperature),
+            "num_iter": int(self.config.mage.num_iter if num_iter is None and d.num_iter is None
+                            else d.num_iter if num_iter is None else num_iter),
+            "rdm_steps": int(self.config.rdm.sampling_steps if rdm_steps is None and d.rdm_steps is None
+                             else d.rdm_steps if rdm_steps is None else rdm_steps),
+            "eta": float(self.config.rdm.eta if eta is None and d.eta is None else d.eta if eta is None else eta),
+        }
+        checks = {
+            "cfg": s["cfg"] >= 0, "temperature": s["temperature"] >= 0, "num_iter": s["num_iter"] >= 1,
+            "rdm_steps": 1 <= s["rdm_steps"] <= self.config.rdm.num_timesteps, "eta": s["eta"] >= 0,
+        }
+        ranges = {"cfg": ">= 0", "temperature": ">= 0", "num_iter": ">= 1",
+                  "rdm_steps": f"in [1, {self.config.rdm.num_timesteps}]", "eta": ">= 0"}
+        for name, ok in checks.items():
+            if not ok:
+                raise ValueError(f"`{name}` must be {ranges[name]}, got {s[name]}")
+        return s
+
+    def sampler(self, rdm_steps: int | None = None, eta: float | None = None) -> DDIMSampler:
+        s = self._settings(None, None, None, rdm_steps, eta)
+        return DDIMSampler(self.schedule, s["rdm_steps"], s["eta"])
+
+    # ----------------------------------------------------------------- stages
+    @torch.inference_mode()
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        """Images (B, C, H, W) in [0, 1] -> normalised representations (B, rep_dim)."""
+        images = self._check_images(images)
+        if images.shape[0] == 0:
+            return images.new_zeros(0, self.config.encoder.rep_dim)
+        with self._autocast():
+            return self.encoder(images).float()
+
+    @torch.inference_mode()
+    def denoise_representations(
+        self, rep: torch.Tensor, noise_level: float | torch.Tensor, *, generator: torch.Generator | None = None,
+        rdm_steps: int | None = None, eta: float | None = None,
+    ) -> torch.Tensor:
+        """Noise representations to ``noise_level`` (float or per-row tensor in [0, 1]) and DDIM-denoise them."""
+        sampler = self.sampler(rdm_steps, eta)
+        generator = derive_generator(generator, rep.device)
+        z_t, steps = sampler.renoise(rep.float(), noise_level, generator=generator)
+        with self._autocast():
+            return sampler.denoise(self.rdm, z_t, steps, generator=generator).float()
+
+    @torch.inference_mode()
+    def render(
+        self, rep: torch.Tensor, *, generator: torch.Generator | None = None, cfg: float | None = None,
+        temperature: float | None = None, num_iter: int | None = None,
+    ) -> torch.Tensor:
+        """Representations (B, rep_dim) -> images (B, C, image_size, image_size) in [0, 1]."""
+        s = self._settings(cfg, temperature, num_iter, None, None)
+        rep = rep.to(self.device, torch.float32)
+        generator = derive_generator(generator, self.device)
+        with self._autocast():
+            tokens = maskgit_decode(self.mage, rep, num_iter=s["num_iter"], temperature=s["temperature"],
+                                    cfg=s["cfg"], generator=generator)
+            images = self.tokenizer.decode(tokens)
+        return images.float().clamp(0, 1)
+
+    # ----------------------------------------------------------------- user-facing
+    @torch.inference_mode()
+    def reconstruct(
+        self, images: torch.Tensor, noise_level: float | torch.Tensor = 0.3, *,
+        generator: torch.Generator | None = None, cfg: float | None = None, temperature: float | None = None,
+        num_iter: int | None = None, rdm_steps: int | None = None, eta: float | None = None,
+    ) -> torch.Tensor:
+        """New images with the same semantics: encode, renoise + denoise the representation, render.
+
+        Args:
+            images: float tensor (B, C, H, W) in [0, 1], C == ``in_channels``; any H, W (resized to
+                ``image_size`` and back).
+            noise_level: in [0, 1], a float or a (B,) tensor. 0 keeps the image's representation
+                (variety comes from MAGE's sampling alone); 1 ignores the image (an unconditional
+                sample); in between, noise to that fraction of the RDM schedule and denoise.
+            generator: seeds every random draw; the same seed gives the same output on CPU.
+            cfg, temperature, num_iter: MAGE guidance scale (>= 0), re-masking temperature,
+                decoding steps. rdm_steps, eta: DDIM steps and eta for the RDM.
+
+        Returns:
+            A float tensor of the input's shape, in [0, 1].
+        """
+        images = self._check_images(images)
+        if images.shape[0] == 0:
+            return images.clone()
+        size = tuple(images.shape[-2:])
+        self._settings(cfg, temperature, num_iter, rdm_steps, eta)  # validates early
+        rep = self.encode(images)
+        rep = self.denoise_representations(rep, noise_level, generator=generator, rdm_steps=rdm_steps, eta=eta)
+        out = self.render(rep, generator=generator, cfg=cfg, temperature=temperature, num_iter=num_iter)
+        return self._resize(out, size)
+
+    @torch.inference_mode()
+    def generate(
+        self, n: int, *, generator: torch.Generator | None = None, cfg: float | None = None,
+        temperature: float | None = None, num_iter: int | None = None, rdm_steps: int | None = None,
+        eta: float | None = None,
+    ) -> torch.Tensor:
+        """``n`` unconditional samples: the RDM samples representations, MAGE renders them."""
+        if n < 0:
+            raise ValueError(f"`n` must be >= 0, got {n}")
+        s = self._settings(cfg, temperature, num_iter, rdm_steps, eta)
+        if n == 0:
+            return torch.zeros(0, self.in_channels, self.image_size, self.image_size, device=self.device)
+        gen = derive_generator(generator, self.device)
+        sampler = DDIMSampler(self.schedule, s["rdm_steps"], s["eta"])
+        with self._autocast():
+            rep = sampler.sample(self.rdm, (n, self.config.rdm.rep_dim), generator=gen, device=self.device).float()
+        return self.render(rep, generator=gen, cfg=cfg, temperature=temperature, num_iter=num_iter)
+
+    @torch.inference_mode()
+    def interpolate(
+        self, a: torch.Tensor, b: torch.Tensor, alphas, *, generator: torch.Generator | None = None,
+        cfg: float | None = None, temperature: float | None = None, num_iter: int | None = None,
+    ) -> torch.Tensor:
+        """Images along the path between the representations of ``a`` and ``b``.
+
+        ``a``, ``b``: (B, C, H, W) in [0, 1] (or (C, H, W)); ``alphas``: sequence of floats in [0, 1].
+        Returns (len(alphas), B, C, H, W) at the inputs' size. Intermediate representations are
+        linear mixes, re-normalised per sample; every alpha uses the same sampling seed.
+        """
+        if a.ndim == 3:
+            a = a[None]
+        if b.ndim == 3:
+            b = b[None]
+        if a.shape != b.shape:
+            raise ValueError(f"`a` and `b` must have the same shape, got {tuple(a.shape)} and {tuple(b.shape)}")
+        alphas = [float(x) for x in alphas]
+        if not alphas or any(not 0.0 <= x <= 1.0 for x in alphas):
+            raise ValueError(f"`alphas` must be a non-empty sequence in [0, 1], got {alphas}")
+        ra, rb = self.encode(a), self.encode(b)
+        seed = None if generator is None else int(torch.randint(0, 2**62, (1,), generator=generator).item())
+        frames = []
+        for alpha in alphas:
+            mix = (1 - alpha) * ra + alpha * rb
+            mix = (mix - mix.mean(-1, keepdim=True)) / mix.std(-1, keepdim=True).clamp(min=1e-6)
+            g = None if seed is None else torch.Generator(device=self.device).manual_seed(seed)
+            out = self.render(mix, generator=g, cfg=cfg, temperature=temperature, num_iter=num_iter)
+            frames.append(self._resize(out, tuple(a.shape[-2:])))
+        return torch.stack(frames)
+
+
+__all__ = ["CONFIG_NAME", "ConfigError", "PIPELINE_PRESETS", "PipelineConfig", "RCGPipeline", "SamplingDefaults",
+           "WEIGHTS_NAME", "derive_generator"]
