@@ -1,0 +1,253 @@
+"""Labelled image sources: an image folder, a Hugging Face dataset, a numpy array, or the
+datasets that ship with installed packages (``"digits"``, ``"lfw-faces"``).
+
+Every source is a ``torch.utils.data.Dataset`` of ``(PIL.Image, int)`` pairs with ``classes``,
+``labels`` and ``skipped`` (files that could not be read, with the reason), so trainers, the
+dataset builder and the CLI read data one way.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+from torch.utils.data import Dataset
+
+logger = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
+BUILTIN_SOURCES = ("digits", "lfw-faces")
+
+
+class SourceError(ValueError):
+    """An input that cannot serve as an image source (empty, missing, unreadable as a whole)."""
+
+
+def array_to_pil(array: np.ndarray) -> Image.Image:
+    """(H, W), (H, W, 1|3|4) uint8, or float in [0, 1] -> PIL image (L, RGB or RGBA)."""
+    a = np.asarray(array)
+    if a.ndim == 3 and a.shape[-1] == 1:
+        a = a[..., 0]
+    if a.ndim not in (2, 3) or (a.ndim == 3 and a.shape[-1] not in (3, 4)):
+        raise SourceError(f"an image array must be (H, W) or (H, W, 1|3|4), got shape {a.shape}")
+    if a.dtype != np.uint8:
+        a = np.clip(np.nan_to_num(a.astype(np.float64)), 0.0, 1.0)
+        a = np.round(a * 255).astype(np.uint8)
+    return Image.fromarray(a)
+
+
+@dataclass
+class ImageSource(Dataset):
+    """In-memory or on-disk labelled images. Items are ``(PIL.Image, label)``.
+
+    Build one with :func:`open_source`.
+    """
+
+    name: str
+    classes: list[str]
+    labels: list[int]
+    _items: Sequence  # PIL images, file paths, or an indexable of arrays
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def load(self, index: int) -> Image.Image:
+        item = self._items[index]
+        if isinstance(item, Image.Image):
+            return item
+        if isinstance(item, (str, Path)):
+            return read_image(item)
+        return array_to_pil(np.asarray(item))
+
+    def __getitem__(self, index: int) -> tuple[Image.Image, int]:
+        return self.load(index), self.labels[index]
+
+    def subset(self, indices: Sequence[int]) -> ImageSource:
+        indices = [int(i) for i in indices]
+        return ImageSource(self.name, list(self.classes), [self.labels[i] for i in indices],
+                           [self._items[i] for i in indices], list(self.skipped))
+
+    def fingerprint(self) -> str:
+        """sha256 over labels and pixel content: detects a changed source."""
+        h = hashlib.sha256(repr((self.classes, self.labels)).encode())
+        for i in range(len(self)):
+            img = self.load(i)
+            h.update(f"{img.mode}{img.size}".encode())
+            h.update(img.tobytes())
+        return h.hexdigest()
+
+    def few_shot(self, shots: int, *, seed: int = 0) -> ImageSource:
+        """Keep ``shots`` images per class, drawn with ``seed`` (all of a class if it has fewer)."""
+        if shots < 1:
+            raise ValueError(f"`shots` must be >= 1, got {shots}")
+        rng = np.random.default_rng(seed)
+        labels = np.asarray(self.labels)
+        keep: list[int] = []
+        for c in range(len(self.classes)):
+            idx = np.flatnonzero(labels == c)
+            keep.extend(sorted(rng.choice(idx, size=min(shots, len(idx)), replace=False).tolist()))
+        return self.subset(sorted(keep))
+
+
+def pil_to_tensor(img: Image.Image, size: int, channels: int):
+    """PIL image (any mode) -> float tensor (channels, size, size) in [0, 1] (bicubic resize)."""
+    import torch
+
+    mode = "L" if channels == 1 else "RGB"
+    if img.mode != mode:
+        if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+            img = img.convert("RGBA")
+            background = Image.new("RGBA", img.size, (0, 0, 0, 255))
+            img = Image.alpha_composite(background, img)
+        elif img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+            a = np.asarray(img, dtype=np.float64)
+            span = a.max() - a.min()
+            img = Image.fromarray(np.round((a - a.min()) / (span if span > 0 else 1.0) * 255).astype(np.uint8))
+        img = img.convert(mode)
+    if img.size != (size, size):
+        img = img.resize((size, size), Image.Resampling.BICUBIC)
+    t = torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0)
+    return t[None] if t.ndim == 2 else t.permute(2, 0, 1).contiguous()
+
+
+def read_image(path: str | os.PathLike) -> Image.Image:
+    """Open an image file fully (so truncation shows now), applying its EXIF orientation."""
+    with Image.open(path) as img:
+        img.load()
+        img = ImageOps.exif_transpose(img)
+        return img.copy()
+
+
+def _load_digits() -> ImageSource:
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    images = [Image.fromarray(np.round(x * (255.0 / 16.0)).astype(np.uint8), mode="L") for x in d.images]
+    return ImageSource("digits", [str(n) for n in d.target_names], [int(t) for t in d.target], images)
+
+
+def _load_lfw_faces() -> ImageSource:
+    from skimage.data import lfw_subset
+
+    arr = lfw_subset()  # (200, 25, 25) float in [0, 1]: 100 faces, then 100 non-faces
+    labels = [1] * 100 + [0] * 100
+    images = [array_to_pil(a) for a in arr]
+    return ImageSource("lfw-faces", ["non-face", "face"], labels, images)
+
+
+def _is_safe_class_dir(path: Path, root: Path) -> bool:
+    try:
+        return path.resolve().is_relative_to(root.resolve())
+    except (OSError, RuntimeError):  # symlink loops
+        return False
+
+
+def _from_folder(root: Path) -> ImageSource:
+    """``root/<class>/<image>`` (labels from sub-folders) or a flat folder of images (one class)."""
+    subdirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    def images_in(folder: Path) -> list[Path]:
+        return sorted(p for p in folder.iterdir()
+                      if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith("."))
+    groups = ([(d.name, d) for d in subdirs if _is_safe_class_dir(d, root)] if subdirs
+              else [(root.name or "images", root)])
+    classes, labels, items, skipped = [], [], [], []
+    for name, folder in groups:
+        files = images_in(folder)
+        if not files:
+            raise SourceError(f"{folder}: the class folder '{name}' holds no images ({', '.join(IMAGE_EXTENSIONS)})")
+        good = []
+        for f in files:
+            try:
+                with Image.open(f) as img:
+                    img.verify()
+                good.append(f)
+            except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
+                skipped.append((str(f), f"{type(err).__name__}: {err}"))
+        if not good:
+            raise SourceError(f"{folder}: none of the {len(files)} files of class '{name}' could be read")
+        classes.append(name)
+        labels.extend([len(classes) - 1] * len(good))
+        items.extend(good)
+    for path, reason in skipped:
+        logger.warning("skipping unreadable image %s (%s)", path, reason)
+    return ImageSource(str(root), classes, labels, items, skipped)
+
+
+def _from_hf(ds, name: str, image_column: str | None, label_column: str | None) -> ImageSource:
+    columns = list(ds.column_names)
+    image_column = image_column or next((c for c in ("image", "img", "pixel_values") if c in columns), None)
+    label_column = label_column or next((c for c in ("label", "labels") if c in columns), None)
+    if image_column is None:
+        raise SourceError(f"{name}: no image column (looked for image/img/pixel_values) among {columns}")
+    if len(ds) == 0:
+        raise SourceError(f"{name}: the dataset is empty")
+    feature = ds.features.get(label_column) if label_column else None
+    if label_column is None:
+        labels, classes = [0] * len(ds), ["images"]
+    else:
+        labels = [int(v) for v in ds[label_column]]
+        names = getattr(feature, "names", None)
+        classes = list(names) if names else [str(i) for i in range(max(labels) + 1)]
+    column = ds[image_column]
+    items = [x if isinstance(x, Image.Image) else np.asarray(x) for x in column]
+    return ImageSource(name, classes, labels, items)
+
+
+def open_source(
+    spec, *, labels: Sequence[int] | None = None, classes: Sequence[str] | None = None,
+    image_column: str | None = None, label_column: str | None = None,
+) -> ImageSource:
+    """Open a labelled image source.
+
+    ``spec`` may be:
+      - ``"digits"``: sklearn's 1,797 8x8 digits (grayscale, 10 classes);
+      - ``"lfw-faces"``: skimage's ``lfw_subset()``: 100 faces (label 1) and 100 non-faces (0), 25x25;
+      - a folder: ``root/<class>/<image>`` or a flat folder of images; unreadable files are
+        skipped and listed in ``.skipped``;
+      - a folder written by ``datasets.Dataset.save_to_disk`` or a ``datasets.Dataset``;
+      - a numpy array (N, H, W) or (N, H, W, C), uint8 or float in [0, 1], with ``labels``.
+    """
+    if isinstance(spec, ImageSource):
+        return spec
+    if isinstance(spec, np.ndarray):
+        if spec.ndim not in (3, 4) or len(spec) == 0:
+            raise SourceError(f"a numpy source must be a non-empty (N, H, W[, C]) array, got shape {spec.shape}")
+        labels = [0] * len(spec) if labels is None else [int(v) for v in labels]
+        if len(labels) != len(spec):
+            raise SourceError(f"{len(labels)} labels for {len(spec)} images")
+        classes = list(classes) if classes is not None else [str(i) for i in range(max(labels) + 1)]
+        return ImageSource("array", classes, labels, spec)
+    try:
+        import datasets as hf
+
+        if isinstance(spec, hf.Dataset):
+            return _from_hf(spec, "dataset", image_column, label_column)
+    except ImportError:  # pragma: no cover - datasets is a dependency
+        hf = None
+    if isinstance(spec, str) and spec in BUILTIN_SOURCES:
+        return _load_digits() if spec == "digits" else _load_lfw_faces()
+    path = Path(spec)
+    if not path.exists():
+        raise SourceError(f"{spec}: no such folder, and not a built-in source ({', '.join(BUILTIN_SOURCES)})")
+    if not path.is_dir():
+        raise SourceError(f"{spec}: expected a folder of images or a saved Hugging Face dataset")
+    if (path / "dataset_info.json").is_file() or (path / "state.json").is_file() or (path / "dataset_dict.json").is_file():
+        loaded = hf.load_from_disk(str(path))
+        if isinstance(loaded, hf.DatasetDict):
+            split = "train" if "train" in loaded else next(iter(loaded))
+            loaded = loaded[split]
+        return _from_hf(loaded, str(path), image_column, label_column)
+    if not any(path.iterdir()):
+        raise SourceError(f"{spec}: the folder is empty")
+    return _from_folder(path)
+
+
+__all__ = ["BUILTIN_SOURCES", "IMAGE_EXTENSIONS", "ImageSource", "SourceError", "array_to_pil", "open_source",
+           "pil_to_tensor", "read_image"]
