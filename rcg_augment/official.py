@@ -113,7 +113,7 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
 
 def _tensors(obj, where: str) -> dict[str, torch.Tensor]:
     if not isinstance(obj, Mapping) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise OfficialCheckpointError(f"{where}: expected a state dict of tensors")
+        raise OfficialCheckpointError(f"{where}: expected a state dict of tensors, found {type(obj).__name__}")
     return dict(obj)
 
 
@@ -258,8 +258,8 @@ def _weights(obj: dict, kind: str, path: Path, use_ema: bool) -> dict[str, torch
     else:
         inner = obj.get("state_dict", obj)
     if inner is None:
-        raise OfficialCheckpointError(f"{path}: no weights found; top-level keys are {_sample(obj)}")
-    return _tensors(inner, str(path))
+        raise OfficialCheckpointError(f"no weights found; top-level keys are {_sample(obj)}")
+    return _tensors(inner, "the weights")
 
 
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 24) -> str:
@@ -276,8 +276,8 @@ def convert_official_file(path: str | os.PathLike, kind: str, *, pipeline=None, 
         raise ValueError(f"`kind` must be one of {sorted(IGNORED)}, got {kind!r}")
     path = Path(path)
     obj = load_checkpoint(path)
-    sd = _weights(obj, kind, path, use_ema)
     try:
+        sd = _weights(obj, kind, path, use_ema)
         if kind == "encoder":
             return convert_mocov3_encoder(sd)
         if kind == "rdm":
