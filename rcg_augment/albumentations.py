@@ -1,0 +1,185 @@
+"""RCGAugment as an albumentations 2 ``ImageOnlyTransform``.
+
+Example::
+
+    import albumentations as A
+    from rcg_augment.albumentations import RCGAugment
+
+    tf = A.Compose([A.HorizontalFlip(), RCGAugment(noise_level=(0.1, 0.4), model="digits-tiny", p=0.5)], seed=0)
+    out = tf(image=image)["image"]  # HWC numpy, same dtype and shape
+
+Serialisation: ``A.to_dict`` / ``A.save`` store ``model`` as given, so it must be a named model or
+a directory (an ``RCGPipeline`` object cannot be written to JSON: save it with
+``pipeline.save_pretrained(dir)`` and pass ``model=dir``). ``A.from_dict`` finds this class by its
+full name, ``rcg_augment.albumentations.RCGAugment``, so import this module before loading.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import numpy as np
+import torch
+from albumentations.core.transforms_interface import BaseTransformInitSchema, ImageOnlyTransform
+from albumentations.core.utils import format_args
+from pydantic import field_validator
+
+from .pipeline import RCGPipeline
+from .transforms import (
+    ModelHandle,
+    augment_batch,
+    batch_to_numpy,
+    check_device,
+    check_noise_level,
+    check_sampling_settings,
+    numpy_to_batch,
+)
+
+_SEED_BOUND = 2**62
+
+
+class _Shown:
+    """Shows a pre-formatted text verbatim in a repr."""
+
+    def __init__(self, text: str):
+        self.text = text
+
+    def __repr__(self) -> str:
+        return self.text
+
+
+class RCGAugment(ImageOnlyTransform):
+    """Replace each image by an RCG reconstruction with the same semantics.
+
+    Targets: image, images (one pipeline call for the whole batch), volume.
+    Image types: HWC (or HW) numpy, uint8 or float32 in [0, 1], 1-4 channels (a 2nd/4th
+    channel is alpha and is kept untouched); the output has the input's shape and dtype.
+
+    Args:
+        noise_level: in [0, 1], or a ``(low, high)`` range sampled per image. 0 keeps the image's
+            representation, 1 ignores the image (an unconditional sample).
+        model: a named model (``"digits-tiny"``), a directory written by
+            ``RCGPipeline.save_pretrained``, or an ``RCGPipeline`` (not serialisable by
+            ``A.to_dict``). Names and directories load lazily, once per process and device.
+        cfg, temperature, num_iter, rdm_steps: generation overrides (None: the model's defaults).
+        device: where the model runs ("cpu" by default for names and directories).
+        p: probability of applying the transform.
+
+    Randomness comes from ``self.random_generator`` / ``self.py_random``, which
+    ``A.Compose(seed=...)`` seeds, so a seeded Compose reproduces its outputs.
+    """
+
+    class InitSchema(BaseTransformInitSchema):
+        noise_level: Any
+        model: Any
+        cfg: float | None
+        temperature: float | None
+        num_iter: int | None
+        rdm_steps: int | None
+        device: str | None
+
+        @field_validator("noise_level", mode="before")
+        @classmethod
+        def _noise_level(cls, value: Any) -> float | tuple[float, float]:
+            try:
+                return check_noise_level(value)
+            except TypeError as err:  # pydantic reports ValueErrors as validation errors
+                raise ValueError(str(err)) from err
+
+        @field_validator("model", mode="before")
+        @classmethod
+        def _model(cls, value: Any) -> str | RCGPipeline:
+            if isinstance(value, RCGPipeline):
+                return value
+            if isinstance(value, (str, os.PathLike)):
+                return os.fspath(value)
+            raise ValueError(
+                "`model` must be a named model (e.g. 'digits-tiny'), a directory written by "
+                f"RCGPipeline.save_pretrained, or an RCGPipeline; got {type(value).__name__}"
+            )
+
+        @field_validator("cfg", "temperature", "num_iter", "rdm_steps", mode="before")
+        @classmethod
+        def _settings(cls, value: Any, info) -> Any:
+            try:
+                return check_sampling_settings(**{info.field_name: value})[info.field_name]
+            except TypeError as err:
+                raise ValueError(str(err)) from err
+
+        @field_validator("device", mode="before")
+        @classmethod
+        def _device(cls, value: Any) -> str | None:
+            return check_device(value)
+
+    def __init__(
+        self, noise_level: float | tuple[float, float] = 0.3, *, model: str | os.PathLike | RCGPipeline = "digits-tiny",
+        cfg: float | None = None, temperature: float | None = None, num_iter: int | None = None,
+        rdm_steps: int | None = None, device: str | None = None, p: float = 1.0,
+    ) -> None:
+        super().__init__(p=p)
+        self.noise_level = noise_level
+        self.model = model
+        self.cfg, self.temperature, self.num_iter, self.rdm_steps = cfg, temperature, num_iter, rdm_steps
+        self.device = device
+        # Outside the pydantic schema: the zoo's FileNotFoundError for a missing model must
+        # surface as it is (albumentations turns other exceptions in a schema into warnings).
+        self._model = ModelHandle(model, device)
+
+    def get_transform_init_args_names(self) -> tuple[str, ...]:
+        return ("noise_level", "model", "cfg", "temperature", "num_iter", "rdm_steps", "device")
+
+    def to_dict_private(self) -> dict[str, Any]:
+        if not self._model.serialisable:
+            raise ValueError(
+                "RCGAugment with an RCGPipeline object cannot be serialised: save it with "
+                "`pipeline.save_pretrained(dir)` and pass `model=dir` (or a named model)"
+            )
+        state = super().to_dict_private()
+        if isinstance(state.get("noise_level"), tuple):
+            state["noise_level"] = list(state["noise_level"])
+        return state
+
+    def __repr__(self) -> str:
+        state = self.get_base_init_args() | self.get_transform_init_args()
+        state["model"] = _Shown(self._model.describe())
+        return f"{type(self).__name__}({format_args(state)})"
+
+    @property
+    def _settings(self) -> dict:
+        return {"cfg": self.cfg, "temperature": self.temperature, "num_iter": self.num_iter,
+                "rdm_steps": self.rdm_steps}
+
+    def get_params_dependent_on_data(self, params: dict[str, Any], data: dict[str, Any]) -> dict[str, Any]:
+        n = 1
+        for key in ("images", "volume"):
+            if key in data and data[key] is not None:
+                n = max(1, len(data[key]))
+                break
+        if isinstance(self.noise_level, tuple):
+            levels = self.random_generator.uniform(self.noise_level[0], self.noise_level[1], size=n)
+        else:
+            levels = np.full(n, float(self.noise_level))
+        return {"noise_levels": levels, "seed": int(self.random_generator.integers(0, _SEED_BOUND))}
+
+    def _run(self, batch: np.ndarray, noise_levels: np.ndarray, seed: int) -> np.ndarray:
+        tensor, info = numpy_to_batch(batch)
+        levels = torch.from_numpy(np.resize(np.asarray(noise_levels, dtype=np.float64), len(tensor)))
+        apply = torch.ones(len(tensor), dtype=torch.bool)
+        out = augment_batch(self._model, tensor, levels, apply, seed, self._settings)
+        return batch_to_numpy(out, info)
+
+    def apply(self, img: np.ndarray, noise_levels: np.ndarray, seed: int, **params: Any) -> np.ndarray:
+        if not isinstance(img, np.ndarray) or img.ndim not in (2, 3):
+            shape = getattr(img, "shape", None)
+            raise ValueError(f"`image` must be a numpy array (H, W) or (H, W, C), got {type(img).__name__} {shape}")
+        return self._run(img[None], noise_levels[:1], seed)[0]
+
+    def apply_to_images(self, images: np.ndarray, noise_levels: np.ndarray, seed: int, **params: Any) -> np.ndarray:
+        images = np.asarray(images)
+        if images.ndim not in (3, 4):
+            raise ValueError(f"`images` must have shape (N, H, W) or (N, H, W, C), got {images.shape}")
+        return self._run(images, noise_levels, seed)
+
+
+__all__ = ["RCGAugment"]
