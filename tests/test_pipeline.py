@@ -1,0 +1,155 @@
+"""RCGPipeline: end-to-end shapes, seeding, save/load, config and input errors (tiny preset)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from rcg_augment import RCGPipeline
+from rcg_augment.pipeline import ConfigError, PipelineConfig
+
+FAST = {"num_iter": 2, "rdm_steps": 3}
+
+
+def gen(seed=0):
+    return torch.Generator().manual_seed(seed)
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    torch.manual_seed(0)
+    return RCGPipeline.from_preset("tiny")
+
+
+def test_presets_and_attributes(pipe):
+    assert pipe.image_size == 32 and pipe.in_channels == 3
+    gray = RCGPipeline.from_preset("tiny", in_channels=1)
+    assert gray.in_channels == 1 and gray.config.encoder.in_channels == 1
+    with pytest.raises(ValueError, match="unknown preset 'huge'"):
+        RCGPipeline.from_preset("huge")
+
+
+@pytest.mark.parametrize("preset,size,params", [("rcg-b", 256, 0.6e9), ("rcg-l", 256, 1.3e9)])
+def test_official_presets_build(preset, size, params):
+    p = RCGPipeline.from_preset(preset)
+    n = sum(x.numel() for x in p.parameters())
+    assert p.image_size == size and 0.5 * params < n < 1.5 * params
+
+
+def test_reconstruct_shape_range_and_seed(pipe):
+    x = torch.rand(4, 3, 32, 32, generator=gen(1))
+    a = pipe.reconstruct(x, 0.3, generator=gen(0), **FAST)
+    b = pipe.reconstruct(x, 0.3, generator=gen(0), **FAST)
+    c = pipe.reconstruct(x, 0.3, generator=gen(1), **FAST)
+    assert a.shape == x.shape and a.dtype == torch.float32
+    assert a.min() >= 0 and a.max() <= 1
+    assert torch.equal(a, b)
+    assert not torch.equal(a, c)
+
+
+def test_reconstruct_any_size_and_per_image_levels(pipe):
+    x = torch.rand(3, 3, 17, 45)
+    out = pipe.reconstruct(x, torch.tensor([0.0, 0.5, 1.0]), generator=gen(0), **FAST)
+    assert out.shape == x.shape
+    assert pipe.reconstruct(torch.rand(0, 3, 32, 32), 0.3).shape == (0, 3, 32, 32)
+
+
+def test_noise_level_zero_keeps_representation(pipe):
+    rep = pipe.encode(torch.rand(2, 3, 32, 32))
+    torch.testing.assert_close(pipe.denoise_representations(rep, 0.0, generator=gen(0)), rep)
+    moved = pipe.denoise_representations(rep, 1.0, generator=gen(0), rdm_steps=3)
+    assert not torch.allclose(moved, rep)
+
+
+def test_generate_and_interpolate(pipe):
+    g = pipe.generate(3, generator=gen(0), cfg=1.0, **FAST)
+    assert g.shape == (3, 3, 32, 32) and torch.equal(g, pipe.generate(3, generator=gen(0), cfg=1.0, **FAST))
+    a, b = torch.rand(2, 3, 32, 32), torch.rand(2, 3, 32, 32)
+    frames = pipe.interpolate(a, b, [0.0, 0.5, 1.0], generator=gen(0), num_iter=2)
+    assert frames.shape == (3, 2, 3, 32, 32)
+    # alpha = 0 renders a's own representation with the shared seed: the same as rendering it directly.
+    seed = int(torch.randint(0, 2**62, (1,), generator=gen(0)).item())
+    direct = pipe.render(pipe.encode(a), generator=torch.Generator().manual_seed(seed), num_iter=2)
+    torch.testing.assert_close(frames[0], direct, atol=1e-5, rtol=0)
+
+
+def test_encode_is_normalised(pipe):
+    rep = pipe.encode(torch.rand(5, 3, 32, 32))
+    assert rep.shape == (5, 256)
+    torch.testing.assert_close(rep.std(1), torch.ones(5), atol=1e-4, rtol=0)
+
+
+def test_save_load_round_trip(pipe, tmp_path):
+    pipe.save_pretrained(tmp_path / "m")
+    loaded = RCGPipeline.from_pretrained(tmp_path / "m")
+    x = torch.rand(2, 3, 32, 32)
+    torch.testing.assert_close(loaded.reconstruct(x, 0.4, generator=gen(3), **FAST),
+                               pipe.reconstruct(x, 0.4, generator=gen(3), **FAST), rtol=0, atol=0)
+    assert loaded.fingerprint() == pipe.fingerprint()
+    cfg = json.loads((tmp_path / "m" / "config.json").read_text())
+    assert len(cfg["metadata"]["weights_sha256"]) == 64
+    assert not list((tmp_path / "m").glob("*.pt*"))  # nothing pickled
+
+
+def test_config_json_errors(pipe, tmp_path):
+    pipe.save_pretrained(tmp_path / "m")
+    path = tmp_path / "m" / "config.json"
+    good = json.loads(path.read_text())
+    bad = dict(good, mage=dict(good["mage"], bogus=1))
+    path.write_text(json.dumps(bad))
+    with pytest.raises(ConfigError, match=r"section 'mage': unknown fields \['bogus'\]"):
+        RCGPipeline.from_pretrained(tmp_path / "m")
+    bad = {k: v for k, v in good.items() if k != "rdm"}
+    path.write_text(json.dumps(bad))
+    with pytest.raises(ConfigError, match="missing section 'rdm'"):
+        RCGPipeline.from_pretrained(tmp_path / "m")
+    path.write_text("{not json")
+    with pytest.raises(ConfigError, match="not valid JSON"):
+        RCGPipeline.from_pretrained(tmp_path / "m")
+
+
+def test_weights_shape_mismatch_is_clear(pipe, tmp_path):
+    pipe.save_pretrained(tmp_path / "m")
+    path = tmp_path / "m" / "config.json"
+    cfg = json.loads(path.read_text())
+    cfg["rdm"]["hidden_dim"] = 256
+    path.write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match="model.safetensors does not match.*wrong shapes: rdm"):
+        RCGPipeline.from_pretrained(tmp_path / "m")
+
+
+def test_inconsistent_config():
+    p = RCGPipeline.from_preset("tiny")
+    d = p.config.to_dict()
+    d["mage"]["codebook_size"] = 128
+    d["mage"]["fake_class_id"] = 128
+    with pytest.raises(ConfigError, match="codebook_size differs"):
+        PipelineConfig.from_dict(d)
+
+
+def test_unknown_named_model():
+    with pytest.raises(FileNotFoundError, match="neither a directory nor a named model"):
+        RCGPipeline.from_pretrained("no-such-model")
+
+
+@pytest.mark.parametrize(
+    "images,kwargs,error,match",
+    [
+        (torch.rand(2, 1, 32, 32), {}, ValueError, "1 channels but this model expects 3"),
+        (torch.rand(3, 32, 32), {}, ValueError, r"shape \(B, C, H, W\)"),
+        ((torch.rand(1, 3, 8, 8) * 255).to(torch.uint8), {}, TypeError, "float tensor"),
+        (torch.full((1, 3, 8, 8), float("nan")), {}, ValueError, "NaN"),
+        (torch.rand(1, 3, 8, 8) * 2, {}, ValueError, r"must be in \[0, 1\]"),
+        (torch.rand(1, 3, 8, 8), {"noise_level": 1.5}, ValueError, r"`noise_level` must be in \[0, 1\]"),
+        (torch.rand(1, 3, 8, 8), {"cfg": -1.0}, ValueError, "`cfg` must be >= 0"),
+        (torch.rand(1, 3, 8, 8), {"num_iter": 0}, ValueError, "`num_iter` must be >= 1"),
+        (torch.rand(1, 3, 8, 8), {"rdm_steps": 5000}, ValueError, "`rdm_steps` must be in"),
+        ([[0.0]], {}, TypeError, "must be a torch.Tensor"),
+    ],
+)
+def test_reconstruct_input_errors(pipe, images, kwargs, error, match):
+    kwargs = {"noise_level": 0.3, **kwargs}
+    with pytest.raises(error, match=match):
+        pipe.reconstruct(images, **kwargs)
