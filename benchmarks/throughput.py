@@ -1,0 +1,208 @@
+"""Augmentation throughput: time per stage, images/s, FLOPs, and the fraction of matmul peak.
+
+For each model and batch size this measures, with random inputs:
+  encoder forward, one RDM (DDIM) step, one MAGE decoding iteration (cond + uncond in one batched
+  forward when cfg > 0), and the VQ decode; then composes the time of one `reconstruct` at the
+  model's default settings (rdm_steps x step + num_iter x iteration + encoder + decode). For the
+  tiny model the full `reconstruct` is also timed end to end to check that composition.
+FLOPs come from torch.utils.flop_counter (matmuls, convolutions, attention); the machine's dense
+matmul peak is measured in the same run with a large float32 (CPU) or bf16 (GPU) matmul.
+
+Usage:
+    python benchmarks/throughput.py                 # tiny at batch 1/8/64, rcg-b at batch 1/8
+    python benchmarks/throughput.py --quick         # seconds: tiny only, batch 1/8
+    python benchmarks/throughput.py --device cuda   # bf16 autocast on GPU
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from rcg_augment import RCGPipeline, __version__
+from rcg_augment.sampling.diffusion import DDIMSampler
+from rcg_augment.sampling.maskgit import maskgit_decode
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed(fn, device, repeats: int) -> float:
+    """Best (minimum) seconds of ``repeats`` calls after one warm-up call: the least disturbed run."""
+    fn()
+    sync(device)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - t0)
+    return min(times)
+
+
+def flops_of(fn) -> int:
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops()
+
+
+def matmul_peak(device: torch.device, n: int = 4096, repeats: int = 5) -> float:
+    """Dense matmul FLOP/s: float32 on CPU, bf16 on GPU (the dtypes the pipeline runs in)."""
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    seconds = timed(lambda: a @ b, device, repeats)
+    return 2 * n**3 / seconds
+
+
+def stage_fns(pipe: RCGPipeline, batch: int, cfg: float, temperature: float):
+    device = pipe.device
+    g = torch.Generator(device=device).manual_seed(0)
+    images = torch.rand(batch, pipe.in_channels, pipe.image_size, pipe.image_size, device=device)
+    rep = torch.randn(batch, pipe.config.rdm.rep_dim, device=device)
+    grid = pipe.config.tokenizer.grid_size
+    tokens = torch.randint(0, pipe.config.mage.codebook_size, (batch, grid, grid), device=device)
+    sampler = DDIMSampler(pipe.schedule, pipe.config.rdm.sampling_steps, pipe.config.rdm.eta)
+    t_mid = sampler.timesteps[len(sampler.timesteps) // 2].to(device).expand(batch)
+
+    def encoder():
+        return pipe.encode(images)
+
+    @torch.inference_mode()
+    def rdm_step():
+        with pipe._autocast():
+            return pipe.rdm(rep, t_mid)
+
+    @torch.inference_mode()
+    def mage_iter():
+        with pipe._autocast():
+            return maskgit_decode(pipe.mage, rep, num_iter=1, temperature=temperature, cfg=cfg, generator=g)
+
+    @torch.inference_mode()
+    def decode():
+        with pipe._autocast():
+            return pipe.tokenizer.decode(tokens)
+
+    return {"encoder": encoder, "rdm_step": rdm_step, "mage_iter": mage_iter, "decode": decode}, images
+
+
+def bench_model(name: str, pipe: RCGPipeline, batches: list[int], *, repeats: int, end_to_end: bool,
+                cfg: float) -> list[dict]:
+    # Inference only; the flop counter's module hooks also need parameters without grad here.
+    pipe.requires_grad_(False)
+    s = pipe._settings(cfg, None, None, None, None)
+    params = {part: sum(p.numel() for p in getattr(pipe, part).parameters())
+              for part in ("encoder", "rdm", "tokenizer", "mage")}
+    rows = []
+    for batch in batches:
+        fns, images = stage_fns(pipe, batch, s["cfg"], s["temperature"])
+        t = {k: timed(fn, pipe.device, repeats) for k, fn in fns.items()}
+        fl = {k: flops_of(fn) for k, fn in fns.items()}
+        per_batch = {
+            "encoder": t["encoder"], "rdm": s["rdm_steps"] * t["rdm_step"],
+            "mage": s["num_iter"] * t["mage_iter"], "decode": t["decode"],
+        }
+        total = sum(per_batch.values())
+        flops_per_image = (fl["encoder"] + s["rdm_steps"] * fl["rdm_step"] + s["num_iter"] * fl["mage_iter"]
+                           + fl["decode"]) / batch
+        row = {
+            "model": name, "batch": batch, "settings": s, "params": params,
+            "stage_seconds_per_batch": per_batch, "step_seconds": {"rdm_step": t["rdm_step"], "mage_iter": t["mage_iter"]},
+            "seconds_per_batch": total, "images_per_s": batch / total, "gflops_per_image": flops_per_image / 1e9,
+            "achieved_gflops_s": flops_per_image * batch / total / 1e9,
+        }
+        if end_to_end:
+            def e2e_call(images=images):
+                g = torch.Generator(device=pipe.device).manual_seed(0)
+                return pipe.reconstruct(images, 0.5, generator=g, cfg=cfg)
+
+            e2e = timed(e2e_call, pipe.device, max(1, repeats // 2))
+            # noise_level 0.5 runs half the RDM steps: compare with the matching composition.
+            composed = total - per_batch["rdm"] / 2
+            row["end_to_end_seconds_noise0.5"] = e2e
+            row["composed_seconds_noise0.5"] = composed
+        rows.append(row)
+        print(f"  {name} batch {batch}: {row['images_per_s']:.2f} img/s", file=sys.stderr, flush=True)
+    return rows
+
+
+def table(rows: list[dict], peak: float) -> str:
+    head = ("| model | batch | encoder s | RDM s (steps) | MAGE s (iters) | decode s | s/batch | images/s "
+            "| GFLOP/image | achieved GFLOP/s | % of matmul peak |")
+    lines = [head, "|" + "---|" * 11]
+    for r in rows:
+        st, s = r["stage_seconds_per_batch"], r["settings"]
+        lines.append(
+            f"| {r['model']} | {r['batch']} | {st['encoder']:.3f} | {st['rdm']:.3f} ({s['rdm_steps']}) "
+            f"| {st['mage']:.3f} ({s['num_iter']}) | {st['decode']:.3f} | {r['seconds_per_batch']:.3f} "
+            f"| {r['images_per_s']:.2f} | {r['gflops_per_image']:.2f} | {r['achieved_gflops_s']:.1f} "
+            f"| {100 * r['achieved_gflops_s'] * 1e9 / peak:.1f}% |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="tiny model, batch 1 and 8, few repeats (seconds)")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda (bf16 autocast on cuda)")
+    ap.add_argument("--model", default=None, help="a saved pipeline dir or named model to use as the small model "
+                    "(default: a random `tiny` preset; compute does not depend on the weights)")
+    ap.add_argument("--cfg", type=float, default=None, help="guidance scale (default: the model's default)")
+    ap.add_argument("--repeats", type=int, default=None)
+    ap.add_argument("--out", default=None, help="JSON path (default benchmarks/results/throughput[_quick].json)")
+    args = ap.parse_args(argv)
+
+    device = torch.device(args.device)
+    torch.manual_seed(0)
+    repeats = args.repeats or (2 if args.quick else 5)
+    peak = matmul_peak(device)
+    print(f"matmul peak: {peak / 1e9:.1f} GFLOP/s on {device}", file=sys.stderr)
+
+    small = RCGPipeline.from_pretrained(args.model) if args.model else RCGPipeline.from_preset("tiny")
+    small_name = args.model or "tiny (random)"
+    rows = bench_model(small_name, small.to(device), [1, 8] if args.quick else [1, 8, 64], repeats=repeats,
+                       end_to_end=True, cfg=args.cfg)
+    if not args.quick:
+        big = RCGPipeline.from_preset("rcg-b").to(device)
+        rows += bench_model("rcg-b (ViT-B shapes, 256 px)", big, [1, 8], repeats=max(1, repeats // 2),
+                            end_to_end=False, cfg=args.cfg)
+
+    result = {
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "machine": {"platform": platform.platform(), "processor": platform.processor(),
+                    "torch_threads": torch.get_num_threads(), "device": str(device),
+                    "gpu": torch.cuda.get_device_name() if device.type == "cuda" else None},
+        "versions": {"rcg_augment": __version__, "torch": torch.__version__},
+        "matmul_peak_gflops_s": peak / 1e9,
+        "rows": rows,
+    }
+    out = Path(args.out) if args.out else RESULTS / ("throughput_quick.json" if args.quick else "throughput.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"\nThroughput on {device} ({torch.get_num_threads()} threads), matmul peak {peak / 1e9:.1f} GFLOP/s, "
+          f"{result['date']}\n")
+    print(table(rows, peak))
+    for r in rows:
+        if "end_to_end_seconds_noise0.5" in r:
+            print(f"\n{r['model']} batch {r['batch']}: end-to-end reconstruct {r['end_to_end_seconds_noise0.5']:.3f} s "
+                  f"vs composed {r['composed_seconds_noise0.5']:.3f} s")
+    print("\nparams: " + ", ".join(f"{r['model']}: " + ", ".join(f"{k} {v / 1e6:.1f}M" for k, v in r["params"].items())
+                                     for r in rows if r["batch"] == 1))
+    print(f"JSON: {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
