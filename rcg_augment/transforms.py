@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 import PIL.Image
 import torch
+from torch.utils.data import get_worker_info
 from torchvision import tv_tensors
 from torchvision.transforms.v2 import Transform
 from torchvision.transforms.v2._utils import is_pure_tensor
@@ -201,7 +202,7 @@ class RandomSource:
     def generator(self) -> torch.Generator | None:
         if self.seed is None:
             return None
-        info = torch.utils.data.get_worker_info()
+        info = get_worker_info()
         key = None if info is None else int(info.seed)
         if self._generator is None or key != self._key:
             seed = self.seed
@@ -410,7 +411,9 @@ class RCGAugment(Transform):
             MAGE guidance scale (>= 0), sampling temperature (>= 0), decoding steps (>= 1), DDIM
             steps of the RDM (>= 1).
         device: where the model runs (default "cpu" for names/directories, the pipeline's own
-            device for an object). Inputs on other devices are moved there and back.
+            device for an object, which is moved if ``device`` is given). Inputs on other devices
+            are moved there and back. CUDA cannot be used in forked DataLoader workers: on a GPU,
+            apply the transform to collated batches in the training loop instead.
         seed: None draws from torch's global RNG (seed it with ``torch.manual_seed``; DataLoader
             workers are seeded per worker); an int uses a private generator (same seed, same
             sequence of outputs).
