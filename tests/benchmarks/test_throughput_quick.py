@@ -1,0 +1,26 @@
+"""The throughput benchmark's quick mode runs and writes a well-formed report."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_throughput_quick(tmp_path):
+    out = tmp_path / "t.json"
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "throughput.py"), "--quick", "--repeats", "1", "--out", str(out)],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "% of matmul peak" in proc.stdout
+    data = json.loads(out.read_text())
+    assert data["matmul_peak_gflops_s"] > 0
+    assert [r["batch"] for r in data["rows"]] == [1, 8]
+    for row in data["rows"]:
+        assert row["images_per_s"] > 0 and row["gflops_per_image"] > 0
+        assert set(row["stage_seconds_per_batch"]) == {"encoder", "rdm", "mage", "decode"}
