@@ -1,0 +1,153 @@
+"""``rcg-augment build``: write a cache of synthetic variants (see :func:`rcg_augment.data.build_synthetic`)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+EPILOG = """\
+examples:
+  rcg-augment build --input digits --shots 5 --out cache/digits-5shot --variants 8 --noise-level 0.3
+  rcg-augment build --input photos/ --out cache/photos --variants 4 --noise-level 0.2,0.5 --contact-sheet
+  accelerate launch --multi_gpu --num_processes 4 -m rcg_augment build --input photos/ --out cache/photos \
+      --variants 4 --noise-level 0.3          (or: torchrun --nproc_per_node 4 -m rcg_augment build ...)
+
+A killed build resumes when run again with the same arguments; different arguments on the same
+--out are refused (name what differs) unless --overwrite. Load the result with
+rcg_augment.data.SyntheticDataset(OUT) or rcg_augment.data.load_synthetic(OUT).
+"""
+
+
+def _noise_levels(text: str) -> list[float]:
+    try:
+        values = [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number or a comma list of numbers in [0, 1], got {text!r}") from None
+    if not values or any(not 0.0 <= v <= 1.0 for v in values):
+        raise argparse.ArgumentTypeError(f"noise levels must be in [0, 1], got {text!r}")
+    return values
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "build", help="write a cache of synthetic variants of an image set",
+        description="Encode every input image, renoise and denoise its representation, render K new "
+        "images per noise level, and write them as a sharded Hugging Face dataset with a manifest.",
+        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--input", required=True, metavar="SRC",
+                   help='image folder (class sub-folders), saved HF dataset folder, "digits" or "lfw-faces"')
+    p.add_argument("--out", required=True, metavar="DIR", help="output cache directory (new, or a build to resume)")
+    p.add_argument("--variants", required=True, type=_positive_int, metavar="K",
+                   help="variants per image and noise level")
+    p.add_argument("--noise-level", required=True, type=_noise_levels, metavar="X[,Y...]",
+                   help="in [0, 1]: 0 keeps the image's representation, 1 ignores it; a comma list "
+                   "puts several levels in one cache (each record stores its level)")
+    p.add_argument("--shots", type=_positive_int, metavar="N", help="use N images per class (drawn with --seed)")
+    p.add_argument("--seed", type=int, default=0, help="seeds the few-shot draw and the generation (default 0)")
+    p.add_argument("--model", default="digits-tiny", metavar="NAME|DIR",
+                   help="named model or a save_pretrained directory (default digits-tiny)")
+    p.add_argument("--batch-size", type=_positive_int, default=64, metavar="B",
+                   help="images per generator call (default 64); part of the cache's identity")
+    p.add_argument("--records-per-shard", type=_positive_int, metavar="R",
+                   help="records per shard file, a multiple of --batch-size (default 8 batches)")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda when available, "
+                   "or the accelerate process's device)")
+    g = p.add_argument_group("generation settings (default: the model's)")
+    g.add_argument("--cfg", type=float, help="MAGE classifier-free guidance scale (>= 0)")
+    g.add_argument("--temperature", type=float, help="MAGE re-masking temperature (>= 0)")
+    g.add_argument("--num-iter", type=_positive_int, help="MAGE decoding steps")
+    g.add_argument("--rdm-steps", type=_positive_int, help="DDIM steps of the representation diffusion")
+    p.add_argument("--quality-threshold", type=float, metavar="T",
+                   help="drop variants whose representation's cosine similarity to the source's is below T")
+    p.add_argument("--contact-sheet", action="store_true", help="also write OUT/contact_sheet.png")
+    p.add_argument("--overwrite", action="store_true", help="delete an existing cache in OUT first")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    d = p.add_argument_group("distributed (set automatically under `accelerate launch`)")
+    d.add_argument("--process-index", type=int, help="this process's index (0-based)")
+    d.add_argument("--num-processes", type=_positive_int, help="how many processes share the build")
+    p.set_defaults(handler=run)
+
+
+def _distributed(args):
+    """(process_index, num_processes, device, barrier) from the flags or from accelerate's launcher."""
+    if args.process_index is not None or args.num_processes is not None:
+        n = args.num_processes or 1
+        return (args.process_index or 0), n, None, None
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # accelerate launch, torchrun
+        import torch
+        from accelerate import PartialState
+
+        # without a GPU, accelerate only forms a (gloo) process group when told to use the CPU
+        state = PartialState(cpu=not torch.cuda.is_available() or args.device == "cpu")
+        if state.num_processes > 1:
+            return state.process_index, state.num_processes, state.device, state.wait_for_everyone
+        return 0, 1, state.device, None
+    return 0, 1, None, None
+
+
+def run(args) -> int:
+    import torch
+
+    from ..data import build_synthetic, cache_contact_sheet
+
+    process_index, num_processes, dist_device, barrier = _distributed(args)
+    if args.device != "auto":
+        device = args.device
+    elif dist_device is not None:
+        device = dist_device
+    else:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    summary = build_synthetic(
+        args.input, args.out, variants_per_image=args.variants, noise_level=args.noise_level,
+        pipeline=args.model, batch_size=args.batch_size, seed=args.seed, cfg=args.cfg,
+        temperature=args.temperature, num_iter=args.num_iter, rdm_steps=args.rdm_steps, shots=args.shots,
+        quality_threshold=args.quality_threshold, overwrite=args.overwrite, progress=not args.no_progress,
+        process_index=process_index, num_processes=num_processes, records_per_shard=args.records_per_shard,
+        device=device, barrier=barrier,
+    )
+    if process_index != 0 and summary.complete:
+        return 0
+    sheet = None
+    if args.contact_sheet and summary.complete:
+        sheet = cache_contact_sheet(summary.out_dir, args.input)
+    _print_summary(args, summary, sheet, num_processes)
+    return 0
+
+
+def _print_summary(args, s, sheet, num_processes) -> None:
+    levels = args.noise_level
+    out = sys.stdout
+    state = "done" if s.complete else f"process {args.process_index or 0} of {num_processes} done; waiting for the others"
+    print(f"rcg-augment build: {state}", file=out)
+    print(f"  output         {s.out_dir}" + (f"  (load: rcg_augment.data.SyntheticDataset({str(s.out_dir)!r}))"
+                                              if s.complete else ""), file=out)
+    print(f"  records        {s.records} = {s.sources_used} sources x {args.variants} variants x "
+          f"{len(levels)} noise level{'s' if len(levels) > 1 else ''} ({', '.join(f'{v:g}' for v in levels)})"
+          + (f" - {s.dropped} dropped" if s.dropped else ""), file=out)
+    shots = f" (--shots {args.shots}, --seed {args.seed})" if args.shots else ""
+    print(f"  sources used   {s.sources_used} of {s.sources_total}{shots}; classes: {len(s.classes)}", file=out)
+    if args.quality_threshold is not None:
+        print(f"  quality filter cosine >= {args.quality_threshold:g}: dropped {s.dropped}", file=out)
+    print(f"  skipped files  {len(s.skipped)}", file=out)
+    for path, reason in s.skipped[:10]:
+        print(f"                 {path}: {reason}", file=out)
+    if len(s.skipped) > 10:
+        print(f"                 ... and {len(s.skipped) - 10} more (see the manifest's skipped_sources)", file=out)
+    resumed = f"; {s.shards_resumed} shards were already complete" if s.shards_resumed else ""
+    print(f"  time           {s.seconds:.1f} s, {s.records_written} written this run at "
+          f"{s.variants_per_second:.1f} variants/s{resumed}", file=out)
+    print(f"  shards         {len(s.shards)}" + (f", manifest {s.manifest_path}" if s.manifest_path else ""), file=out)
+    if sheet is not None:
+        print(f"  contact sheet  {sheet}", file=out)
