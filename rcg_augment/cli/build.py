@@ -10,11 +10,11 @@ EPILOG = """\
 examples:
   rcg-augment build --input digits --shots 5 --out cache/digits-5shot --variants 8 --noise-level 0.3
   rcg-augment build --input photos/ --out cache/photos --variants 4 --noise-level 0.2,0.5 --contact-sheet
-  accelerate launch --multi_gpu --num_processes 4 -m rcg_augment build --input photos/ --out cache/photos \
-      --variants 4 --noise-level 0.3          (or: torchrun --nproc_per_node 4 -m rcg_augment build ...)
+  accelerate launch --multi_gpu --num_processes 4 -m rcg_augment build --input photos/ --out cache/photos ...
+  torchrun --nproc_per_node 4 -m rcg_augment build --input photos/ --out cache/photos ...
 
 A killed build resumes when run again with the same arguments; different arguments on the same
---out are refused (name what differs) unless --overwrite. Load the result with
+--out are refused (the error names what differs) unless --overwrite. Load the result with
 rcg_augment.data.SyntheticDataset(OUT) or rcg_augment.data.load_synthetic(OUT).
 """
 
@@ -42,7 +42,7 @@ def _positive_int(text: str) -> int:
 def register(subparsers) -> None:
     p = subparsers.add_parser(
         "build", help="write a cache of synthetic variants of an image set",
-        description="Encode every input image, renoise and denoise its representation, render K new "
+        description="Encode every input image, renoise and denoise its representation, render K new\n"
         "images per noise level, and write them as a sharded Hugging Face dataset with a manifest.",
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
     )

@@ -191,7 +191,7 @@ def _select_sources(source, shots, seed, size, channels) -> _Selection:
     for i in indices:
         try:
             t = pil_to_tensor(src.load(i), size, channels)
-        except (OSError, ValueError, SyntaxError) as err:  # PIL's decode errors, bad arrays
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:  # PIL decode errors
             skipped.append((_describe_item(src, i), f"{type(err).__name__}: {err}"))
             logger.warning("skipping unreadable image %s (%s)", *skipped[-1])
             continue
@@ -512,6 +512,9 @@ def build_synthetic(
             barrier()  # nobody writes before the old cache is gone
         _check_out_dir(out_dir)
         _check_plan(out_dir, plan)
+        if num_processes == 1:  # nobody else is writing: drop temp files of killed runs
+            for p in [*out_dir.glob(f"{PLAN_NAME}.tmp.*"), *out_dir.glob(f"{MANIFEST_NAME}.tmp.*")]:
+                p.unlink(missing_ok=True)
         (out_dir / SHARD_DIR).mkdir(exist_ok=True)
         if not (out_dir / PLAN_NAME).exists():
             _atomic_write(out_dir / PLAN_NAME, _json_bytes(plan))

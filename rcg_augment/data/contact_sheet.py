@@ -101,17 +101,16 @@ def cache_contact_sheet(out_dir: str | os.PathLike, source, path: str | os.PathL
     for row, (s, label) in enumerate(zip(ds["source_index"], ds["label"], strict=True)):
         by_source.setdefault(int(s), []).append(row)
         label_of[int(s)] = int(label)
-    chosen, seen = [], set()
-    for s in sorted(by_source):  # first source of each class, then more sources if rows remain
-        if label_of[s] not in seen:
-            seen.add(label_of[s])
-            chosen.append(s)
+    first_of_class: dict[int, int] = {}
     for s in sorted(by_source):
+        first_of_class.setdefault(label_of[s], s)
+    chosen = [first_of_class[c] for c in sorted(first_of_class)][:max_rows]  # one row per class first
+    for s in sorted(by_source):  # then more sources while rows remain
         if len(chosen) >= max_rows:
             break
         if s not in chosen:
             chosen.append(s)
-    chosen = sorted(chosen[:max_rows], key=lambda s: (label_of[s], s))
+    chosen = sorted(chosen, key=lambda s: (label_of[s], s))
     sources = [src.load(s) for s in chosen]
     variants = [[ds[r]["image"] for r in by_source[s][:max_variants]] for s in chosen]
     row_labels = [f"{classes[label_of[s]]} #{s}" for s in chosen]

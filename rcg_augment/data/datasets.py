@@ -123,6 +123,9 @@ class FewShotAugmentedDataset(Dataset):
         seed: seeds the synthetic draws.
         transform: applied to every image (real and synthetic).
 
+    With DataLoader workers, call :meth:`set_epoch` before iterating and leave
+    ``persistent_workers`` off, so the workers receive each epoch's draw.
+
     Labels: when both sides have ``classes``, synthetic labels are mapped by class name and an
     unknown synthetic class is an error; without names on the real side, indices must agree.
     """

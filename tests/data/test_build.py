@@ -139,6 +139,17 @@ def test_shots_and_numpy_source(tmp_path, tiny_pipeline):
     assert sorted(np.bincount([labels[i] for i in chosen]).tolist()) == [2, 2, 2, 2]
 
 
+def test_hf_dataset_folder_source(tmp_path, tiny_pipeline):
+    rng = np.random.default_rng(0)
+    images = [Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)) for _ in range(4)]
+    features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=["x", "y"])})
+    datasets.Dataset.from_dict({"image": images, "label": [0, 1, 0, 1]}, features=features).save_to_disk(
+        str(tmp_path / "hf"))
+    s = build(str(tmp_path / "hf"), tmp_path / "cache", tiny_pipeline, variants_per_image=1)
+    assert s.complete and s.records == 4 and s.classes == ["x", "y"]
+    assert load_synthetic(tmp_path / "cache")["label"] == [0, 1, 0, 1]
+
+
 def test_argument_errors(image_folder, tmp_path, tiny_pipeline):
     with pytest.raises(ValueError, match="noise_level"):
         build(image_folder, tmp_path / "x", tiny_pipeline, noise_level=1.5)
