@@ -432,7 +432,8 @@ def build_synthetic(
             to find all shards complete writes ``manifest.json`` (with ``barrier``: process 0).
         records_per_shard: records per shard file, a multiple of ``batch_size``
             (default ``8 * batch_size``).
-        device: move a pipeline loaded by name/directory here (an ``RCGPipeline`` stays put).
+        device: run the pipeline here (None: a loaded pipeline stays on the CPU, an
+            ``RCGPipeline`` object where it is; a given one is moved).
         barrier: a callable that waits for all processes (``accelerate``'s ``wait_for_everyone``);
             needed for ``overwrite`` with ``num_processes > 1``.
 
@@ -581,9 +582,8 @@ def build_synthetic(
         if complete:
             manifest_path = out_dir / MANIFEST_NAME
         else:
-            logger.info("%s: this process's shards are done; %d shards of other processes are not yet "
-                        "complete; the last process to finish writes manifest.json", out_dir,
-                        n_shards - len(own_meta))
+            logger.info("%s: this process's %d shards are done; other processes' shards are not all "
+                        "complete yet; the last process to finish writes manifest.json", out_dir, len(own_meta))
     finally:
         lock.release()
     seconds = time.perf_counter() - start
