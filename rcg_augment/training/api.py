@@ -1,0 +1,304 @@
+"""Python API of the trainers: one stage, the whole stack, fine-tuning, named recipes.
+
+Example::
+
+    from rcg_augment.training import train_all, train_stage
+
+    train_stage("tokenizer", "digits", "runs/digits", steps=200, batch_size=64)
+    results = train_all("digits", "runs/digits", per_stage={"encoder": {"steps": 300}})
+    pipe = results["mage"].pipeline   # or RCGPipeline.from_pretrained("runs/digits")
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import torch
+
+from ..data.sources import ImageSource, open_source
+from ..pipeline import CONFIG_NAME, PipelineConfig, RCGPipeline
+from .encoder import EncoderStage
+from .loop import Stage, TrainConfig, TrainResult, derive_seed, run_training
+from .mage import MAGEStage
+from .rdm import RDMStage
+from .recipes import RECIPES, Recipe, get_recipe
+from .tokenizer import TokenizerStage
+
+logger = logging.getLogger(__name__)
+
+# Training order: the RDM needs the encoder; MAGE needs the encoder and the tokenizer.
+STAGES = ("encoder", "tokenizer", "rdm", "mage")
+STAGE_CLASSES: dict[str, type[Stage]] = {
+    "encoder": EncoderStage, "tokenizer": TokenizerStage, "rdm": RDMStage, "mage": MAGEStage,
+}
+_CONFIG_FIELDS = {f.name for f in dataclasses.fields(TrainConfig)}
+
+
+class SettingError(TypeError, ValueError):
+    """A keyword setting no stage or loop knows (a TypeError for Python callers, a ValueError for the CLI)."""
+
+
+def _check_stage(name: str) -> str:
+    if name not in STAGE_CLASSES:
+        raise ValueError(f"unknown stage {name!r}; choose one of {list(STAGES)}")
+    return name
+
+
+def split_options(stage: str, kwargs: Mapping) -> tuple[dict, dict]:
+    """Split keyword arguments into :class:`TrainConfig` fields and the stage's options."""
+    klass = STAGE_CLASSES[_check_stage(stage)]
+    option_names = {f.name for f in dataclasses.fields(klass)}
+    config, options = {}, {}
+    for key, value in kwargs.items():
+        if key in _CONFIG_FIELDS:
+            config[key] = value
+        elif key in option_names:
+            options[key] = value
+        else:
+            raise SettingError(
+                f"unknown setting {key!r} for stage {stage!r}; loop settings: {sorted(_CONFIG_FIELDS)}; "
+                f"{stage} options: {sorted(option_names)}"
+            )
+    return config, options
+
+
+def distribute_settings(common: Mapping, per_stage: Mapping[str, Mapping] | None, stages: Sequence[str]) -> dict:
+    """Per-stage settings: loop settings in ``common`` go to every stage, a stage option in
+    ``common`` to the stages that have it; ``per_stage[name]`` on top."""
+    out: dict[str, dict] = {name: {} for name in stages}
+    for key, value in common.items():
+        owners = [s for s in stages if key in _CONFIG_FIELDS
+                  or key in {f.name for f in dataclasses.fields(STAGE_CLASSES[s])}]
+        if not owners:
+            raise SettingError(f"unknown setting {key!r}: not a loop setting ({sorted(_CONFIG_FIELDS)}) nor an option "
+                            f"of the stages {list(stages)}")
+        for name in owners:
+            out[name][key] = value
+    for name, values in (per_stage or {}).items():
+        if name in out:
+            out[name].update(values)
+    return out
+
+
+def make_stage(stage: str, **options) -> Stage:
+    """A stage object with its options, e.g. ``make_stage("tokenizer", recon_loss="mse")``."""
+    return STAGE_CLASSES[_check_stage(stage)](**options)
+
+
+def open_data(data, classes: Sequence[str] | None = None) -> ImageSource:
+    """``open_source(data)``, keeping only the images of ``classes`` (names) if given."""
+    source = open_source(data)
+    if classes:
+        unknown = sorted(set(classes) - set(source.classes))
+        if unknown:
+            raise ValueError(f"`classes` {unknown} are not in {source.name}; it has {source.classes}")
+        wanted = {source.classes.index(c) for c in classes}
+        source = source.subset([i for i, label in enumerate(source.labels) if label in wanted])
+    if len(source) == 0:
+        raise ValueError(f"the training data {source.name!r} holds no images")
+    return source
+
+
+def infer_channels(source: ImageSource, probe: int = 32) -> int:
+    """1 if the first ``probe`` images are all single-channel, else 3."""
+    gray = {"1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "F"}
+    n = min(probe, len(source))
+    return 1 if all(source.load(i).mode in gray for i in range(n)) else 3
+
+
+def new_pipeline(preset: str = "tiny", *, in_channels: int = 3, overrides: Mapping | None = None,
+                 seed: int = 0) -> RCGPipeline:
+    """A freshly initialised pipeline (seeded) from a preset, with config fields overridden per
+    section, e.g. ``overrides={"mage": {"depth": 2}}``."""
+    base = RCGPipeline.from_preset(preset, in_channels=in_channels).config.to_dict()
+    for section, values in (overrides or {}).items():
+        if section not in ("encoder", "rdm", "tokenizer", "mage", "defaults", "metadata"):
+            raise ValueError(f"unknown pipeline section {section!r} in overrides")
+        base[section] = {**base[section], **dict(values)}
+    config = PipelineConfig.from_dict(base, source=f"preset {preset!r} with overrides")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(derive_seed(seed, "pipeline-init"))
+        return RCGPipeline(config)
+
+
+def resolve_init(init, out_dir: Path, source: ImageSource, *, preset: str = "tiny", in_channels: int | None = None,
+                 overrides: Mapping | None = None, seed: int = 0) -> tuple[RCGPipeline, str]:
+    """The starting pipeline and a description of it.
+
+    ``init``: a pipeline object (trained in place), a folder / named model, a dict of official
+    files (``RCGPipeline.from_official``), or None: the pipeline already in ``out_dir`` if there
+    is one, else a new one from ``preset`` (channels inferred from the data).
+    """
+    if isinstance(init, RCGPipeline):
+        return init, "pipeline object"
+    if isinstance(init, Mapping):
+        return RCGPipeline.from_official(**dict(init)), "official files"
+    if init is not None:
+        return RCGPipeline.from_pretrained(init), str(init)
+    if (out_dir / CONFIG_NAME).is_file():
+        logger.info("continuing the pipeline already in %s", out_dir)
+        return RCGPipeline.from_pretrained(out_dir), str(out_dir)
+    channels = in_channels or infer_channels(source)
+    return new_pipeline(preset, in_channels=channels, overrides=overrides, seed=seed), f"preset {preset}"
+
+
+def train_stage(
+    stage: str, data, out_dir: str | os.PathLike, *, init=None, preset: str = "tiny", in_channels: int | None = None,
+    classes: Sequence[str] | None = None, pipeline_overrides: Mapping | None = None, metadata: Mapping | None = None,
+    **kwargs,
+) -> TrainResult:
+    """Train one stage and write the whole pipeline to ``out_dir``.
+
+    Args:
+        stage: ``"encoder"``, ``"tokenizer"``, ``"rdm"`` or ``"mage"``.
+        data: anything :func:`rcg_augment.data.open_source` takes ("digits", "lfw-faces", an image
+            folder, a saved HF dataset, a numpy array) or an ``ImageSource``.
+        out_dir: output folder; afterwards ``RCGPipeline.from_pretrained(out_dir)`` loads it.
+        init: starting pipeline (see :func:`resolve_init`); default: the pipeline already in
+            ``out_dir``, else a new ``preset`` pipeline.
+        classes: train on these classes only (names from the source's ``classes``).
+        **kwargs: :class:`~rcg_augment.training.loop.TrainConfig` fields (``steps``,
+            ``batch_size``, ``lr``/``blr``, ``seed``, ``max_time``, ``resume``...) and the stage's
+            options (e.g. ``hflip``, ``crop_scale``, ``recon_loss``).
+
+    Example::
+
+        result = train_stage("rdm", "digits", "runs/d", steps=300, batch_size=64, blr=2e-5)
+        print(result.final_loss)
+    """
+    config_kw, options = split_options(stage, kwargs)
+    config = TrainConfig(**config_kw)
+    out_dir = Path(out_dir)
+    source = open_data(data, classes)
+    pipe, described = resolve_init(init, out_dir, source, preset=preset, in_channels=in_channels,
+                                   overrides=pipeline_overrides, seed=config.seed)
+    return run_training(make_stage(stage, **options), pipe, source, out_dir, config,
+                        metadata={"init": described, **dict(metadata or {})})
+
+
+def train_all(
+    data, out_dir: str | os.PathLike, *, stages: Sequence[str] = STAGES, init=None, preset: str = "tiny",
+    in_channels: int | None = None, classes: Sequence[str] | None = None, pipeline_overrides: Mapping | None = None,
+    per_stage: Mapping[str, Mapping] | None = None, max_time: float | None = None, metadata: Mapping | None = None,
+    **common,
+) -> dict[str, TrainResult]:
+    """Train several stages in the official order (encoder -> tokenizer -> rdm -> mage) into one
+    pipeline folder.
+
+    ``common`` settings apply to every stage, ``per_stage[name]`` ones to that stage only (both:
+    TrainConfig fields and stage options). ``max_time`` (seconds) is the budget of the whole
+    call. A killed run resumes where it stopped when called again with the same arguments:
+    finished stages are skipped, the interrupted one continues from its last checkpoint.
+
+    Example::
+
+        train_all("digits", "runs/digits", batch_size=64,
+                  per_stage={"encoder": {"steps": 800}, "mage": {"steps": 1500, "blr": 1e-3}})
+    """
+    per_stage = dict(per_stage or {})
+    for name in list(stages) + list(per_stage):
+        _check_stage(name)
+    order = [s for s in STAGES if s in set(stages)]
+    if not order:
+        raise ValueError(f"`stages` must name at least one of {list(STAGES)}, got {list(stages)}")
+    out_dir = Path(out_dir)
+    settings_by_stage = distribute_settings(common, per_stage, order)
+    for name in order:  # validate every stage's settings before reading data or training
+        config_kw, options = split_options(name, settings_by_stage[name])
+        TrainConfig(**config_kw)
+        make_stage(name, **options)
+    source = open_data(data, classes)
+    seed = int(settings_by_stage[order[0]].get("seed", 0))
+    pipe, described = resolve_init(init, out_dir, source, preset=preset, in_channels=in_channels,
+                                   overrides=pipeline_overrides, seed=seed)
+    results: dict[str, TrainResult] = {}
+    t0 = time.monotonic()
+    for name in order:
+        settings = dict(settings_by_stage[name])
+        if max_time is not None:
+            left = max_time - (time.monotonic() - t0)
+            if left <= 0:
+                logger.warning("time budget spent before stage %s; stopping (run again to continue)", name)
+                break
+            settings["max_time"] = min(left, settings.get("max_time") or left)
+        config_kw, options = split_options(name, settings)
+        result = run_training(make_stage(name, **options), pipe, source, out_dir, TrainConfig(**config_kw),
+                              metadata={"init": described, **dict(metadata or {})})
+        results[name] = result
+        pipe, described = result.pipeline, str(out_dir)
+        if not result.completed:
+            logger.warning("stage %s stopped at step %d of %d; run again to continue", name, result.steps_done,
+                           result.total_steps)
+            break
+    return results
+
+
+def finetune(
+    from_, data, out_dir: str | os.PathLike, *, stages: Sequence[str] = ("rdm", "mage"), **kwargs,
+) -> dict[str, TrainResult]:
+    """Fine-tune a trained pipeline on new data; write the result to ``out_dir``.
+
+    ``from_``: a pipeline folder, a named model ("digits-tiny"), an ``RCGPipeline``, or a dict of
+    official files for :meth:`RCGPipeline.from_official` (``{"rdm": ..., "mage": ..., "arch": "base"}``).
+    Other arguments as :func:`train_all`. When ``out_dir`` already holds a partly fine-tuned
+    pipeline (a resumed run), training continues from it.
+    """
+    if from_ is None:
+        raise ValueError("`from_` must name the pipeline to fine-tune (a folder, a named model or official files)")
+    out_dir = Path(out_dir)
+    described = "official files" if isinstance(from_, Mapping) else (
+        "pipeline object" if isinstance(from_, RCGPipeline) else str(from_))
+    resume = kwargs.get("resume", True) and all(v.get("resume", True) for v in (kwargs.get("per_stage") or {}).values())
+    init = None if (out_dir / CONFIG_NAME).is_file() and resume else from_
+    metadata = {"finetuned_from": described, **dict(kwargs.pop("metadata", None) or {})}
+    if init is None:
+        logger.info("continuing the fine-tuning already in %s", out_dir)
+    return train_all(data, out_dir, stages=stages, init=init, metadata=metadata, **kwargs)
+
+
+def run_recipe(
+    recipe: str | Recipe, out_dir: str | os.PathLike, *, data=None, init=None, stages: Sequence[str] | None = None,
+    steps_scale: float = 1.0, per_stage: Mapping[str, Mapping] | None = None, max_time: float | None = None,
+    **overrides,
+) -> dict[str, TrainResult]:
+    """Run a named recipe (see :data:`RECIPES`), optionally on other data / a subset of stages.
+
+    ``steps_scale`` multiplies every stage's step count (e.g. 0.1 for a quick trial);
+    ``overrides`` (any TrainConfig field or stage option) apply to every stage on top of the
+    recipe, ``per_stage`` to one stage.
+    """
+    r = get_recipe(recipe) if isinstance(recipe, str) else recipe
+    if steps_scale <= 0:
+        raise ValueError(f"`steps_scale` must be > 0, got {steps_scale}")
+    chosen = list(stages) if stages else list(r.stages)
+    for name in chosen:
+        _check_stage(name)
+    recipe_settings = distribute_settings(r.common, r.per_stage, chosen)
+    user_settings = distribute_settings(overrides, per_stage, chosen)
+    per = {}
+    for name in chosen:
+        settings = recipe_settings[name]
+        settings["steps"] = max(1, round(settings.get("steps", TrainConfig.steps) * steps_scale))
+        if "warmup_steps" in settings:
+            settings["warmup_steps"] = round(settings["warmup_steps"] * steps_scale)
+        if "checkpoint_every" in settings and steps_scale < 1:
+            settings["checkpoint_every"] = max(1, round(settings["checkpoint_every"] * steps_scale))
+        per[name] = {**settings, **user_settings[name]}
+    metadata = {"recipe": r.name, **({"steps_scale": steps_scale} if steps_scale != 1 else {})}
+    common = dict(data=r.data if data is None else data, stages=chosen, classes=None if data is not None else r.classes,
+                  per_stage=per, max_time=max_time, metadata=metadata)
+    if r.init is not None:
+        return finetune(r.init if init is None else init, out_dir=out_dir, **common)
+    return train_all(out_dir=out_dir, init=init, preset=r.preset, in_channels=r.in_channels,
+                     pipeline_overrides=r.pipeline, **common)
+
+
+__all__ = [
+    "RECIPES", "STAGES", "STAGE_CLASSES", "SettingError", "distribute_settings", "finetune", "infer_channels", "make_stage", "new_pipeline", "open_data",
+    "resolve_init", "run_recipe", "split_options", "train_all", "train_stage",
+]

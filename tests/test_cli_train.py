@@ -1,0 +1,115 @@
+"""`rcg-augment train` / `finetune`: write a pipeline folder that from_pretrained loads."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from rcg_augment import RCGPipeline
+from rcg_augment.cli import main
+from tests.training.helpers import digits_array, micro_pipeline
+
+QUICK = ["--steps", "2", "--batch-size", "4", "--no-progress", "--log-every", "1"]
+
+
+@pytest.fixture
+def image_folder(tmp_path):
+    images, labels = digits_array(12)
+    root = tmp_path / "images"
+    for i, (img, label) in enumerate(zip(images, labels, strict=True)):
+        (root / str(label)).mkdir(parents=True, exist_ok=True)
+        Image.fromarray(img, mode="L").save(root / str(label) / f"{i}.png")
+    return root
+
+
+@pytest.fixture
+def micro_dir(tmp_path):
+    return micro_pipeline().save_pretrained(tmp_path / "micro")
+
+
+def test_train_stage_writes_a_loadable_pipeline(image_folder, micro_dir, tmp_path, capsys):
+    out = tmp_path / "out"
+    rc = main(["train", "tokenizer", "--data", str(image_folder), "--out", str(out), "--init", str(micro_dir),
+               *QUICK, "--set", "recon_loss=\"mse\"", "--seed", "3"])
+    assert rc == 0
+    printed = capsys.readouterr().out
+    assert "tokenizer done: step 2/2" in printed and "from_pretrained" in printed
+    pipe = RCGPipeline.from_pretrained(out)
+    record = pipe.config.metadata["training"][-1]
+    assert record["stage"] == "tokenizer" and record["seed"] == 3 and record["num_images"] == 12
+    start = json.loads((out / "log.jsonl").read_text().splitlines()[0])
+    assert start["settings"]["options"]["recon_loss"] == "mse"
+
+
+def test_train_all_from_preset_infers_channels(image_folder, tmp_path):
+    out = tmp_path / "all"
+    assert main(["train", "all", "--data", str(image_folder), "--out", str(out), *QUICK[:-2]]) == 0
+    pipe = RCGPipeline.from_pretrained(out)
+    assert pipe.in_channels == 1 and pipe.image_size == 32  # tiny preset, gray data
+    assert [r["stage"] for r in pipe.config.metadata["training"]] == ["encoder", "tokenizer", "rdm", "mage"]
+
+
+def test_recipe_quick_run_and_finetune(micro_dir, tmp_path):
+    out = tmp_path / "recipe"
+    rc = main(["train", "rdm", "--recipe", "digits-tiny", "--init", str(micro_dir), "--out", str(out),
+               "--steps-scale", "0.001", "--batch-size", "4", "--no-progress"])
+    assert rc == 0
+    record = RCGPipeline.from_pretrained(out).config.metadata["training"][-1]
+    assert record["recipe"] == "digits-tiny" and record["steps"] == 3  # 3000 * 0.001
+    ft = tmp_path / "ft"
+    rc = main(["finetune", "--from", str(out), "--data", "lfw-faces", "--classes", "face", "--out", str(ft),
+               "--stages", "mage", *QUICK])
+    assert rc == 0
+    meta = RCGPipeline.from_pretrained(ft).config.metadata["training"][-1]
+    assert meta["stage"] == "mage" and meta["num_images"] == 100 and meta["finetuned_from"] == str(out)
+
+
+def test_max_steps_stops_with_exit_code_3_and_resumes(micro_dir, tmp_path, capsys):
+    args = ["train", "rdm", "--data", "digits", "--out", str(tmp_path / "o"), "--init", str(micro_dir),
+            "--steps", "4", "--batch-size", "4", "--no-progress"]
+    assert main([*args, "--max-steps", "2"]) == 3
+    assert "STOPPED" in capsys.readouterr().out
+    assert main(args) == 0
+    assert "done: step 4/4" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["train", "rdm", "--out", "X"], "--data is required"),
+    (["train", "rdm", "--data", "digits", "--out", "X", "--set", "nope=1"], "nope"),
+    (["train", "all", "--recipe", "no-such", "--out", "X"], "unknown recipe"),
+    (["finetune", "--data", "digits", "--out", "X"], "--from"),
+    (["finetune", "--from", "a", "--data", "digits", "--out", "X", "--stages", "rdm,gan"], "gan"),
+])
+def test_errors_name_the_problem(argv, message, capsys):
+    assert main(argv) == 1
+    assert message in capsys.readouterr().err
+
+
+def test_help_lists_stages_and_examples(capsys):
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    text = capsys.readouterr().out
+    for word in ("encoder", "tokenizer", "rdm", "mage", "--recipe", "digits-tiny", "accelerate launch", "--max-time"):
+        assert word in text
+    with pytest.raises(SystemExit):
+        main(["finetune", "--help"])
+    assert "--official" in capsys.readouterr().out
+
+
+def test_duration_parsing():
+    from rcg_augment.cli.train import parse_duration
+
+    assert parse_duration("90") == 90 and parse_duration("45m") == 2700 and parse_duration("1.5h") == 5400
+    with pytest.raises(Exception, match="duration"):
+        parse_duration("soon")
+
+
+def test_numpy_source_gray_detection():
+    from rcg_augment.data import open_source
+    from rcg_augment.training.api import infer_channels
+
+    assert infer_channels(open_source(np.zeros((3, 8, 8), np.uint8))) == 1
+    assert infer_channels(open_source(np.zeros((3, 8, 8, 3), np.uint8))) == 3

@@ -1,0 +1,174 @@
+"""The shared training loop: schedule, scaling rule, data order, EMA, checkpoints, resume, budgets."""
+
+from __future__ import annotations
+
+import json
+import math
+import pickle
+
+import pytest
+import torch
+
+from rcg_augment import RCGPipeline
+from rcg_augment.training import TrainConfig, train_stage
+from rcg_augment.training.loop import (
+    BatchOrder,
+    check_checkpoint_dir,
+    ema_update,
+    lr_at,
+    resolve_lr,
+)
+from rcg_augment.training.mage import MAGEStage
+from rcg_augment.training.rdm import RDMStage
+from tests.training.helpers import FAST, digits_source, micro_pipeline
+
+
+# ----------------------------------------------------------------------------- pure helpers
+def test_lr_schedule_warmup_then_cosine_closed_form():
+    lr, steps, warmup = 1e-3, 100, 10
+    got = [lr_at(s, lr=lr, steps=steps, warmup=warmup, schedule="cosine", min_lr=1e-5) for s in range(steps)]
+    assert got[0] == pytest.approx(lr / warmup)
+    assert got[warmup - 1] == pytest.approx(lr)
+    for s in range(warmup, steps):
+        expected = 1e-5 + (lr - 1e-5) * 0.5 * (1 + math.cos(math.pi * (s - warmup) / (steps - warmup)))
+        assert got[s] == pytest.approx(expected)
+    assert all(a >= b for a, b in zip(got[warmup:], got[warmup + 1:], strict=False))  # decays monotonically
+    const = [lr_at(s, lr=lr, steps=steps, warmup=0, schedule="constant") for s in range(steps)]
+    assert const == [lr] * steps
+
+
+def test_official_scaling_rules():
+    cfg = TrainConfig(batch_size=64, grad_accum=2, blr=1e-4)
+    # MAGE (and encoder, tokenizer): blr * batch / 256; RDM: blr * batch, no / 256 (main_rdm.py).
+    assert resolve_lr(MAGEStage(), cfg, 512) == pytest.approx(1e-4 * 512 / 256)
+    assert resolve_lr(RDMStage(), cfg, 512) == pytest.approx(1e-4 * 512)
+    assert resolve_lr(RDMStage(), TrainConfig(), 512) == pytest.approx(1e-6 * 512)  # official default blr
+    assert resolve_lr(RDMStage(), TrainConfig(lr=3e-4, blr=1.0), 512) == 3e-4  # lr wins
+
+
+@pytest.mark.parametrize("n", [5, 37])
+def test_batch_order_partitions_each_epoch_across_processes(n):
+    orders = [BatchOrder(n, batch_size=4, num_processes=2, process_index=r, seed=3) for r in range(2)]
+    stream = []
+    for b in range(20):
+        a, c = orders[0].indices(b), orders[1].indices(b)
+        assert len(a) == len(c) == 4
+        stream.extend(a + c)
+    for e in range(len(stream) // n):  # every full epoch is a permutation of the data
+        assert sorted(stream[e * n:(e + 1) * n]) == list(range(n))
+    again = BatchOrder(n, batch_size=4, num_processes=2, process_index=1, seed=3)
+    assert again.indices(7) == orders[1].indices(7)  # pure function of (seed, batch, process)
+    other = BatchOrder(n, batch_size=4, num_processes=2, process_index=1, seed=4)
+    assert [other.indices(b) for b in range(5)] != [orders[1].indices(b) for b in range(5)]
+
+
+def test_ema_update_math():
+    model, ema = torch.nn.Linear(3, 2), torch.nn.Linear(3, 2)
+    before = ema.weight.detach().clone()
+    ema_update(ema, model, 0.9, copy_buffers=True)
+    assert torch.allclose(ema.weight, 0.9 * before + 0.1 * model.weight)
+
+
+@pytest.mark.parametrize("bad, name", [({"steps": 0}, "steps"), ({"ema_decay": 1.0}, "ema_decay"),
+                                       ({"mixed_precision": "fp16"}, "mixed_precision"),
+                                       ({"betas": (0.9,)}, "betas")])
+def test_config_errors_name_the_setting(bad, name):
+    with pytest.raises(ValueError, match=f"`{name}`"):
+        TrainConfig(**bad)
+
+
+def test_unknown_setting_is_named(tmp_path):
+    with pytest.raises(TypeError, match="hflp"):
+        train_stage("rdm", digits_source(8), tmp_path, init=micro_pipeline(), steps=1, hflp=False)
+
+
+# ----------------------------------------------------------------------------- runs
+def _losses(result):
+    return [r["loss"] for r in result.history]
+
+
+def test_resume_continues_the_same_run(tmp_path):
+    """N steps == N/2 steps, stop, resume N/2: same step count, identical losses and weights (CPU)."""
+    kw = dict(FAST, steps=6, checkpoint_every=2, warmup_steps=2)
+    full = train_stage("mage", digits_source(), tmp_path / "full", init=micro_pipeline(), **kw)
+    first = train_stage("mage", digits_source(), tmp_path / "split", init=micro_pipeline(), max_steps=3, **kw)
+    assert not first.completed and first.steps_done == 3
+    ckpts = sorted(p.name for p in (tmp_path / "split" / "checkpoints" / "mage").glob("step_*"))
+    assert ckpts == ["step_00000002", "step_00000003"]  # periodic + the one at the stop
+    # init differs on purpose: a resumed stage starts from the base saved with its checkpoints.
+    second = train_stage("mage", digits_source(), tmp_path / "split", init=micro_pipeline(seed=9), **kw)
+    assert second.resumed_from == 3 and second.completed and second.steps_done == 6
+    assert [r["step"] for r in first.history + second.history] == list(range(1, 7))
+    assert _losses(first) + _losses(second) == _losses(full)
+    a, b = RCGPipeline.from_pretrained(tmp_path / "full"), RCGPipeline.from_pretrained(tmp_path / "split")
+    assert a.fingerprint() == b.fingerprint()
+    # finished: checkpoints cleaned up, a second call skips the stage
+    assert not list((tmp_path / "split" / "checkpoints" / "mage").glob("step_*"))
+    again = train_stage("mage", digits_source(), tmp_path / "split", init=micro_pipeline(), **kw)
+    assert again.skipped and again.pipeline.fingerprint() == a.fingerprint()
+
+
+def test_resume_refuses_other_settings(tmp_path):
+    kw = dict(FAST, steps=4)
+    train_stage("rdm", digits_source(), tmp_path, init=micro_pipeline(), max_steps=2, **kw)
+    with pytest.raises(ValueError, match="batch_size: 8 -> 4"):
+        train_stage("rdm", digits_source(), tmp_path, init=micro_pipeline(), **{**kw, "batch_size": 4})
+    fresh = train_stage("rdm", digits_source(), tmp_path, init=micro_pipeline(), resume=False,
+                        **{**kw, "batch_size": 4})
+    assert fresh.resumed_from is None and fresh.completed
+
+
+class _Payload:
+    """Pickles to a call of ``exec`` -- a stand-in for a malicious checkpoint."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (exec, (f"open({str(self.marker)!r}, 'w').write('pwned')",))
+
+
+def test_resume_never_unpickles_arbitrary_objects(tmp_path):
+    kw = dict(FAST, steps=4)
+    train_stage("rdm", digits_source(), tmp_path, init=micro_pipeline(), max_steps=2, **kw)
+    ckpt = tmp_path / "checkpoints" / "rdm" / "step_00000002"
+    marker = tmp_path / "marker.txt"
+    torch.save({"state": _Payload(marker), "param_groups": []}, ckpt / "optimizer.bin")
+    with pytest.raises(pickle.UnpicklingError):
+        train_stage("rdm", digits_source(), tmp_path, init=micro_pipeline(), **kw)
+    assert not marker.exists()
+
+
+def test_checkpoint_with_foreign_files_is_refused(tmp_path):
+    kw = dict(FAST, steps=4)
+    train_stage("rdm", digits_source(), tmp_path, init=micro_pipeline(), max_steps=2, **kw)
+    ckpt = tmp_path / "checkpoints" / "rdm" / "step_00000002"
+    check_checkpoint_dir(ckpt)  # as written: fine
+    files = sorted(p.name for p in ckpt.iterdir())
+    assert "model.safetensors" in files and "ema.safetensors" in files
+    (ckpt / "custom_checkpoint_0.pkl").write_bytes(b"x")
+    with pytest.raises(ValueError, match="custom_checkpoint_0.pkl"):
+        train_stage("rdm", digits_source(), tmp_path, init=micro_pipeline(), **kw)
+
+
+def test_wall_time_budget_checkpoints_and_stops(tmp_path):
+    result = train_stage("rdm", digits_source(), tmp_path, init=micro_pipeline(), steps=10_000, max_time=0.5,
+                         **FAST)
+    assert not result.completed and 1 <= result.steps_done < 10_000
+    state = json.loads((tmp_path / "checkpoints" / "rdm" / f"step_{result.steps_done:08d}" / "trainer_state.json")
+                       .read_text())
+    assert state["step"] == result.steps_done
+    meta = RCGPipeline.from_pretrained(tmp_path).config.metadata["training"][-1]
+    assert meta["completed"] is False and meta["steps"] == result.steps_done
+
+
+def test_log_records(tmp_path):
+    train_stage("tokenizer", digits_source(), tmp_path, init=micro_pipeline(), steps=4,
+                **{**FAST, "log_every": 2})
+    lines = [json.loads(x) for x in (tmp_path / "log.jsonl").read_text().splitlines()]
+    steps = [r for r in lines if "loss" in r]
+    assert [r["step"] for r in steps] == [2, 4]
+    for r in steps:
+        assert {"loss", "lr", "images_per_s", "s_per_step", "grad_norm", "epoch", "recon", "vq"} <= set(r)
+        assert r["images_per_s"] > 0 and math.isfinite(r["loss"])
+    assert lines[0]["event"] == "start" and lines[-1]["event"] == "end"
