@@ -1,0 +1,194 @@
+"""Does a trained pipeline work? Contact sheet, label preservation, diversity, Frechet distance.
+
+All measurements use the benchmark's held-out test images (`rcg_augment.data.splits`), which the
+bundled models never trained on.
+
+- contact sheet: held-out sources, their `reconstruct` variants at each noise level, and a row of
+  unconditional `generate` samples;
+- label preservation: a logistic regression on pixels, trained on the real training pool, labels
+  the variants of held-out images; reported per noise level next to its accuracy on the real
+  held-out images (the ceiling);
+- diversity: mean pixel distance (RMS, [0, 1] scale) between variants of one source, and from
+  each variant to its source, per noise level;
+- Frechet distance in the model's encoder space (normalised 256-d representations) between
+  generated and real held-out images, next to the distance between two disjoint real halves (the
+  floor) and between reconstructions at each level and the real images.
+
+Usage:
+    python benchmarks/quality.py --model digits-tiny --data digits
+    python benchmarks/quality.py --model faces-tiny --data lfw-faces --classes face
+    python benchmarks/quality.py --quick            # seconds: random tiny model, few images
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from rcg_augment import RCGPipeline, __version__
+from rcg_augment.data import open_source, pil_to_tensor
+from rcg_augment.data.contact_sheet import contact_sheet
+from rcg_augment.data.splits import benchmark_split
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def to_pil(t: torch.Tensor):
+    from PIL import Image
+
+    a = (t.clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy()
+    return Image.fromarray(a[0] if a.shape[0] == 1 else a.transpose(1, 2, 0))
+
+
+def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
+    """Frechet distance between Gaussians fitted to two sets of feature rows."""
+    from scipy import linalg
+
+    mu_a, mu_b = a.mean(0), b.mean(0)
+    cov_a, cov_b = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+    covmean, _ = linalg.sqrtm(cov_a @ cov_b, disp=False)
+    covmean = covmean.real
+    return float(((mu_a - mu_b) ** 2).sum() + np.trace(cov_a + cov_b - 2 * covmean))
+
+
+def batched(fn, x: torch.Tensor, batch: int) -> torch.Tensor:
+    return torch.cat([fn(x[i:i + batch]) for i in range(0, len(x), batch)]) if len(x) else x
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default=None, help="pipeline dir or named model (default: random tiny, --quick only)")
+    ap.add_argument("--data", default="digits", help="digits | lfw-faces | a folder")
+    ap.add_argument("--classes", default=None, help="comma list of class names to keep (e.g. face)")
+    ap.add_argument("--noise-levels", default="0,0.3,0.6,1")
+    ap.add_argument("--variants", type=int, default=4, help="variants per held-out source and level")
+    ap.add_argument("--sources", type=int, default=200, help="held-out sources used for preservation/diversity")
+    ap.add_argument("--generate", type=int, default=500, help="unconditional samples for the Frechet distance")
+    ap.add_argument("--sheet-rows", type=int, default=10)
+    ap.add_argument("--num-iter", type=int, default=None)
+    ap.add_argument("--rdm-steps", type=int, default=None)
+    ap.add_argument("--cfg", type=float, default=None)
+    ap.add_argument("--batch-size", type=int, default=128)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--name", default=None, help="result file stem (default quality_<model>)")
+    ap.add_argument("--out-dir", default=str(RESULTS))
+    args = ap.parse_args(argv)
+    if args.quick:
+        args.sources, args.variants, args.generate, args.sheet_rows = 12, 2, 24, 4
+        args.num_iter, args.rdm_steps = args.num_iter or 2, args.rdm_steps or 3
+    if args.model is None and not args.quick:
+        ap.error("--model is required outside --quick")
+
+    t0 = time.time()
+    torch.manual_seed(args.seed)
+    pipe = (RCGPipeline.from_pretrained(args.model) if args.model
+            else RCGPipeline.from_preset("tiny", in_channels=1))
+    size, ch = pipe.image_size, pipe.in_channels
+    source = open_source(args.data)
+    pool_idx, test_idx = benchmark_split(source)
+    if args.classes:
+        keep = {source.classes.index(c) for c in args.classes.split(",")}
+        test_idx = [i for i in test_idx if source.labels[i] in keep]
+
+    def tensors(indices):
+        return torch.stack([pil_to_tensor(source.load(i), size, ch) for i in indices])
+
+    x_pool, y_pool = tensors(pool_idx), np.array([source.labels[i] for i in pool_idx])
+    x_test, y_test = tensors(test_idx), np.array([source.labels[i] for i in test_idx])
+    settings = dict(num_iter=args.num_iter, rdm_steps=args.rdm_steps, cfg=args.cfg)
+    levels = [float(v) for v in args.noise_levels.split(",")]
+    rng = np.random.default_rng(args.seed)
+    chosen = np.sort(rng.choice(len(x_test), size=min(args.sources, len(x_test)), replace=False))
+    src = x_test[chosen]
+
+    # Label preservation: a pixel classifier trained on the real pool.
+    from sklearn.linear_model import LogisticRegression
+
+    multi_class = len(set(y_pool.tolist())) > 1
+    clf = None
+    if multi_class:
+        clf = LogisticRegression(max_iter=2000, C=0.5).fit(x_pool.flatten(1).numpy(), y_pool)
+        real_acc = float((clf.predict(x_test.flatten(1).numpy()) == y_test).mean())
+    g = torch.Generator().manual_seed(args.seed)
+    per_level = {}
+    variants_by_level = {}
+    for level in levels:
+        reps = src.repeat_interleave(args.variants, 0)
+        out = batched(lambda b, lv=level: pipe.reconstruct(b, lv, generator=g, **settings), reps, args.batch_size)
+        variants_by_level[level] = out
+        v = out.view(len(src), args.variants, -1)
+        row = {}
+        if clf is not None:
+            pred = clf.predict(out.flatten(1).numpy()).reshape(len(src), args.variants)
+            row["label_preservation"] = float((pred == y_test[chosen][:, None]).mean())
+        diffs = (v[:, :, None] - v[:, None]).pow(2).mean(-1).sqrt()
+        n = args.variants
+        row["diversity_rms_between_variants"] = float(diffs.sum((1, 2)).mean() / max(1, n * (n - 1)))
+        row["rms_to_source"] = float((v - src.view(len(src), 1, -1)).pow(2).mean(-1).sqrt().mean())
+        per_level[str(level)] = row
+        print(f"noise {level}: {row}", file=sys.stderr, flush=True)
+
+    # Frechet distances in the encoder's (normalised) representation space.
+    enc = lambda x: batched(pipe.encode, x, args.batch_size).numpy()  # noqa: E731
+    gen = batched(lambda b: pipe.generate(len(b), generator=g, **settings),
+                  torch.zeros(args.generate, 1), args.batch_size)
+    f_test = enc(x_test)
+    half = len(f_test) // 2
+    perm = rng.permutation(len(f_test))
+    fd = {
+        "real_half_vs_half (floor)": frechet_distance(f_test[perm[:half]], f_test[perm[half:]]),
+        "generated_vs_real": frechet_distance(enc(gen), f_test),
+    }
+    for level, out in variants_by_level.items():
+        fd[f"reconstruct_{level}_vs_real"] = frechet_distance(enc(out), f_test)
+
+    # Contact sheet: held-out sources, variants at each level, then a generate row.
+    rows = min(args.sheet_rows, len(src))
+    sheet_sources = [to_pil(src[i]) for i in range(rows)] + [to_pil(gen[0])]
+    sheet_variants = [[to_pil(variants_by_level[lv][i * args.variants]) for lv in levels] for i in range(rows)]
+    sheet_variants.append([to_pil(gen[j]) for j in range(1, 1 + len(levels))])
+    labels = [f"{source.classes[y_test[chosen][i]]}" for i in range(rows)] + ["generate"]
+    stem = args.name or ("quality_quick" if args.quick else f"quality_{Path(str(args.model)).name}")
+    out_dir = Path(args.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    sheet = contact_sheet(sheet_sources, sheet_variants, out_dir / f"{stem}.png", row_labels=labels)
+
+    result = {
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "model": args.model or "random tiny",
+        "model_metadata": {k: v for k, v in pipe.config.metadata.items() if k != "official"},
+        "data": args.data, "classes": args.classes, "held_out_test_images": len(test_idx),
+        "sources": len(src), "variants_per_source": args.variants, "settings": pipe._settings(
+            args.cfg, None, args.num_iter, args.rdm_steps, None),
+        "pixel_classifier_real_test_accuracy": real_acc if clf is not None else None,
+        "per_noise_level": per_level, "frechet_distance_encoder_space": fd, "contact_sheet": str(sheet),
+        "seconds": time.time() - t0, "versions": {"rcg_augment": __version__, "torch": torch.__version__},
+        "command": "python benchmarks/quality.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+    }
+    (out_dir / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
+
+    print(f"\nQuality of {result['model']} on {args.data} held-out images ({len(src)} sources x {args.variants} "
+          f"variants), settings {result['settings']}\n")
+    if clf is not None:
+        print(f"pixel classifier accuracy on real held-out images: {real_acc:.3f}\n")
+    print("| noise level | label preservation | RMS between variants | RMS to source |")
+    print("|---|---|---|---|")
+    for level, row in per_level.items():
+        lp = f"{row['label_preservation']:.3f}" if "label_preservation" in row else "n/a"
+        print(f"| {level} | {lp} | {row['diversity_rms_between_variants']:.3f} | {row['rms_to_source']:.3f} |")
+    print("\n| Frechet distance (encoder space) | value |\n|---|---|")
+    for k, v in fd.items():
+        print(f"| {k} | {v:.2f} |")
+    print(f"\ncontact sheet: {sheet}\nJSON: {out_dir / f'{stem}.json'}  ({result['seconds']:.0f} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
