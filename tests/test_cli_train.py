@@ -58,7 +58,7 @@ def test_recipe_quick_run_and_finetune(micro_dir, tmp_path):
                "--steps-scale", "0.001", "--batch-size", "4", "--no-progress"])
     assert rc == 0
     record = RCGPipeline.from_pretrained(out).config.metadata["training"][-1]
-    assert record["recipe"] == "digits-tiny" and record["steps"] == 3  # 3000 * 0.001
+    assert record["recipe"] == "digits-tiny" and record["steps"] == 2  # 2000 * 0.001
     ft = tmp_path / "ft"
     rc = main(["finetune", "--from", str(out), "--data", "lfw-faces", "--classes", "face", "--out", str(ft),
                "--stages", "mage", *QUICK])

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from .train import add_training_arguments, print_summary, run_stages
+from .train import add_training_arguments, print_summary, quiet_accelerate, run_stages
 
 EPILOG = """\
 The starting point is --from (a pipeline folder or a named model such as digits-tiny) or the
@@ -34,6 +34,7 @@ def _official(text: str) -> dict:
 
 
 def handle(args: argparse.Namespace) -> int:
+    quiet_accelerate(args)
     from ..training.api import STAGES
     from ..training.recipes import get_recipe
 

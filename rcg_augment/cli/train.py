@@ -26,6 +26,11 @@ examples:
   rcg-augment train tokenizer --data path/to/images --out runs/mine --steps 2000 --batch-size 32
   rcg-augment train rdm --data digits --out runs/mine --set hflip=false --blr 1e-5
   accelerate launch --multi_gpu --num_processes 2 -m rcg_augment train mage --data DIR --out OUT
+
+Several processes: `accelerate launch --multi_gpu --num_processes N -m rcg_augment train ...`
+(GPUs: one process each, bf16; a CPU-only machine: N gloo CPU processes -- accelerate's own
+`--cpu --num_processes N` starts a single process unless MPI is installed). --batch-size is per
+process; the learning rate follows the effective batch (batch size x grad accum x processes).
 """
 
 
@@ -127,6 +132,14 @@ def collect_settings(args: argparse.Namespace, stages: list[str]) -> tuple[dict,
     return common, per_stage
 
 
+def quiet_accelerate(args: argparse.Namespace) -> None:
+    """accelerate logs every checkpoint file at INFO; keep that for --verbose."""
+    import logging
+
+    if not getattr(args, "verbose", False):
+        logging.getLogger("accelerate").setLevel(logging.WARNING)
+
+
 def print_summary(results: dict, out_dir) -> None:
     from accelerate import PartialState
 
@@ -164,6 +177,7 @@ def run_stages(args: argparse.Namespace, stages: list[str], *, init) -> dict:
 
 
 def handle(args: argparse.Namespace) -> int:
+    quiet_accelerate(args)
     from ..training.recipes import get_recipe
 
     if args.stage == "all":

@@ -286,8 +286,6 @@ def run_recipe(
         settings["steps"] = max(1, round(settings.get("steps", TrainConfig.steps) * steps_scale))
         if "warmup_steps" in settings:
             settings["warmup_steps"] = round(settings["warmup_steps"] * steps_scale)
-        if "checkpoint_every" in settings and steps_scale < 1:
-            settings["checkpoint_every"] = max(1, round(settings["checkpoint_every"] * steps_scale))
         per[name] = {**settings, **user_settings[name]}
     metadata = {"recipe": r.name, **({"steps_scale": steps_scale} if steps_scale != 1 else {})}
     common = dict(data=r.data if data is None else data, stages=chosen, classes=None if data is not None else r.classes,

@@ -31,6 +31,7 @@ import logging
 import math
 import re
 import shutil
+import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -597,10 +598,20 @@ def run_training(
 
     from tqdm.auto import tqdm
 
+    interactive = sys.stderr.isatty()
+    # Redirected to a file, a bar redrawn 10x a second floods it: redraw every 30 s there, and log
+    # each record as a line instead.
     bar = tqdm(total=config.steps, initial=start_step, desc=f"train {stage.name}", unit="step",
-               disable=not (main and config.progress), dynamic_ncols=True)
+               disable=not (main and config.progress), dynamic_ncols=True,
+               mininterval=0.1 if interactive else 30.0)
+    log_lines = not (config.progress and interactive)
     history: list[dict] = []
     window: dict[str, float] = {}
+    counts: dict[str, float] = {}
+
+    def add(key: str, value: float, weight: float = 1.0) -> None:
+        window[key] = window.get(key, 0.0) + value
+        counts[key] = counts.get(key, 0.0) + weight
     window_steps, window_t0 = 0, time.monotonic()
     step = start_step
     stopped_early = False
@@ -628,9 +639,9 @@ def run_training(
                     with accelerator.autocast():
                         loss, metrics = stage.loss(model, images, ctx)
                     accelerator.backward(loss / config.grad_accum)
-                window["loss"] = window.get("loss", 0.0) + float(loss.detach()) / config.grad_accum
+                add("loss", float(loss.detach()) / config.grad_accum, 1 / config.grad_accum)
                 for k, v in metrics.items():
-                    window[k] = window.get(k, 0.0) + float(v) / config.grad_accum
+                    add(k, float(v) / config.grad_accum, 1 / config.grad_accum)
             grad_norm = accelerator.clip_grad_norm_(trainable, max_grad_norm if max_grad_norm > 0 else float("inf"))
             grad_norm = float(grad_norm)
             if not math.isfinite(grad_norm):
@@ -644,15 +655,16 @@ def run_training(
                 decay = stage.ema_decay_at(ema_decay, step + 1, config.steps)
                 ema_update(ema, stage.ema_source(inner), decay, copy_buffers=not stage.ema_train_mode)
             for k, v in stage.after_step(ctx).items():
-                window[k] = window.get(k, 0.0) + float(v)
-            window["grad_norm"] = window.get("grad_norm", 0.0) + grad_norm
+                add(k, float(v))
+            add("grad_norm", grad_norm)
             step += 1
             window_steps += 1
             bar.update(1)
 
             if step % config.log_every == 0 or step == config.steps:
                 keys = sorted(window)
-                values = torch.tensor([window[k] / window_steps for k in keys], device=device, dtype=torch.float64)
+                # each metric averaged over the steps that reported it (some report only now and then)
+                values = torch.tensor([window[k] / counts[k] for k in keys], device=device, dtype=torch.float64)
                 if nproc > 1:
                     values = accelerator.reduce(values, reduction="mean")
                 elapsed = time.monotonic() - window_t0
@@ -665,8 +677,12 @@ def run_training(
                 write_log(record)
                 bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{current_lr:.2e}")
                 if main:
-                    logger.debug("%s", record)
-                window, window_steps, window_t0 = {}, 0, time.monotonic()
+                    logger.log(logging.INFO if log_lines else logging.DEBUG,
+                               "%s step %d/%d: loss %.4f, lr %.3g, %.1f images/s", stage.name, step, config.steps,
+                               record["loss"], current_lr, record["images_per_s"])
+                window.clear()
+                counts.clear()
+                window_steps, window_t0 = 0, time.monotonic()
 
             if config.checkpoint_every and step % config.checkpoint_every == 0 and step < config.steps:
                 save_checkpoint(step)
