@@ -29,12 +29,14 @@ Usage:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import logging
 import math
 import os
 import platform
+import signal
 import sys
 import tempfile
 import time
@@ -658,6 +660,9 @@ def parse_args(argv=None) -> tuple[argparse.Namespace, Settings]:
     p.add_argument("--cfg", type=float, help="MAGE guidance scale (default: the model's)")
     p.add_argument("--temperature", type=float, help="MAGE temperature (default: the model's)")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch CPU threads (default 1: the CNN's kernels are tiny, and on a shared box more "
+                        "threads spin against each other; measured 8x slower with 2 threads at load 10 on 2 cores)")
     p.add_argument("--out-dir", type=Path, default=RESULTS, help="where fewshot[_quick].{md,json,png} go")
     p.add_argument("--cache-dir", type=Path, help="keep the synthetic caches here (default: a temp dir)")
     p.add_argument("--train-split-file", type=Path,
@@ -714,6 +719,8 @@ def parse_args(argv=None) -> tuple[argparse.Namespace, Settings]:
         probe_cs=[0.1, 1.0, 10.0], classical_candidates=list(CLASSICAL_CANDIDATES), arms=arms,
         device=args.device, models=models,
     )
+    if args.threads < 1:
+        p.error(f"--threads must be >= 1, got {args.threads}")
     if s.seeds < 2:
         p.error(f"--seeds must be >= 2 for a confidence interval, got {s.seeds}")
     if s.tune_seeds < 1 or s.steps < 1 or s.batch_size < 1 or s.cache_variants < 1 or s.rep_copies < 1:
@@ -729,6 +736,9 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     args, s = parse_args(argv)
     t_start = time.perf_counter()
+    torch.set_num_threads(args.threads)
+    with contextlib.suppress(ValueError):  # not in the main thread: keep the default handler
+        signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # unwind, so the temporary caches are removed
 
     def log(msg: str) -> None:
         print(msg, flush=True)

@@ -12,12 +12,14 @@ import hashlib
 import json
 import logging
 import os
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -33,6 +35,7 @@ logger = logging.getLogger(__name__)
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 FORMAT_VERSION = 1
+MAX_TIMESTEPS = 100_000  # official RDM: 1000
 
 
 class ConfigError(ValueError):
@@ -72,6 +75,9 @@ class PipelineConfig:
             problems.append(f"codebook_size differs: tokenizer {t.codebook_size}, mage {m.codebook_size}")
         if e.in_channels != t.in_channels:
             problems.append(f"in_channels differs: encoder {e.in_channels}, tokenizer {t.in_channels}")
+        if not isinstance(r.num_timesteps, int) or not 1 <= r.num_timesteps <= MAX_TIMESTEPS:
+            # the schedule is built eagerly (float64, not in the weights): bound its memory
+            problems.append(f"rdm num_timesteps must be an integer in [1, {MAX_TIMESTEPS}], got {r.num_timesteps!r}")
         if problems:
             raise ConfigError("inconsistent pipeline config: " + "; ".join(problems))
 
@@ -110,7 +116,10 @@ class PipelineConfig:
         meta = data.get("metadata", {})
         if not isinstance(meta, dict):
             raise ConfigError(f"{source}: 'metadata' must be an object")
-        return cls(**built, metadata=meta)
+        try:
+            return cls(**built, metadata=meta)
+        except ConfigError as err:
+            raise ConfigError(f"{source}: {err}") from err
 
 
 def _dataclass_from_dict(klass, values, where: str):
@@ -145,6 +154,47 @@ def _preset(name: str) -> PipelineConfig:
 
 
 PIPELINE_PRESETS = ("tiny", "rcg-b", "rcg-l")
+
+
+@contextlib.contextmanager
+def _parameter_budget(limit: int, config_path: str, weights_path: str):
+    """Stop building modules (in this thread) once more than ``limit`` parameters are registered:
+    a config asking for far more tensors than the weights file holds fails at once, not after
+    building a million layers."""
+    thread, count = threading.get_ident(), 0
+
+    def hook(module, name, param):
+        nonlocal count
+        if threading.get_ident() == thread:
+            count += 1
+            if count > limit:
+                raise ConfigError(f"{config_path} describes a model with more than {limit} parameter tensors; "
+                                  f"{weights_path} holds far fewer: the config does not match the weights")
+
+    handle = torch.nn.modules.module.register_module_parameter_registration_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+def _check_state_shapes(own: dict[str, tuple], found: dict[str, tuple], *, source: str) -> None:
+    """One ValueError naming ``source`` and its missing, unexpected and mis-shaped keys."""
+    missing = sorted(set(own) - set(found))
+    unexpected = sorted(set(found) - set(own))
+    wrong = sorted(k for k in set(own) & set(found) if own[k] != found[k])
+    if missing or unexpected or wrong:
+        def show(keys):
+            return ", ".join(keys[:8]) + (f" ... (+{len(keys) - 8})" if len(keys) > 8 else "")
+        parts = []
+        if missing:
+            parts.append(f"missing {len(missing)} keys: {show(missing)}")
+        if unexpected:
+            parts.append(f"unexpected {len(unexpected)} keys: {show(unexpected)}")
+        if wrong:
+            parts.append("wrong shapes: " + ", ".join(
+                f"{k} expected {own[k]} found {found[k]}" for k in wrong[:8]))
+        raise ValueError(f"{source} does not match this pipeline's config: " + "; ".join(parts))
 
 
 def derive_generator(generator: torch.Generator | None, device: torch.device) -> torch.Generator | None:
@@ -209,9 +259,27 @@ class RCGPipeline(nn.Module):
                 raise FileNotFoundError(f"{directory} is not a saved RCGPipeline: {p.name} is missing")
         try:
             data = json.loads(config_path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as err:
             raise ConfigError(f"{config_path}: not valid JSON ({err})") from err
-        pipe = cls(PipelineConfig.from_dict(data, source=str(config_path)))
+        config = PipelineConfig.from_dict(data, source=str(config_path))
+        try:  # the header alone: names and shapes, no tensor data
+            with safe_open(str(weights_path), framework="pt") as f:
+                shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+        except Exception as err:  # safetensors raises its own error types for corrupt files
+            raise ValueError(f"{weights_path}: not a readable safetensors file ({err})") from err
+        # A config.json asking for a huge model must fail on the shapes, before any allocation:
+        # build the modules on the meta device (no memory) and compare with the file's header.
+        try:
+            with torch.device("meta"), _parameter_budget(2 * len(shapes) + 64, str(config_path), str(weights_path)):
+                skeleton = cls(config)
+        except ConfigError:
+            raise
+        except (TypeError, ValueError, RuntimeError, OverflowError) as err:
+            raise ConfigError(f"{config_path}: cannot build the model it describes ({err})") from err
+        _check_state_shapes({k: tuple(v.shape) for k, v in skeleton.state_dict().items()}, shapes,
+                            source=str(weights_path))
+        del skeleton
+        pipe = cls(config)
         try:
             state = load_file(str(weights_path))
         except Exception as err:  # safetensors raises its own error types for corrupt files
@@ -230,22 +298,8 @@ class RCGPipeline(nn.Module):
 
     def load_state_dict_checked(self, state: dict[str, torch.Tensor], *, source: str) -> None:
         """Strict load with one error that names the source, missing, unexpected and mis-shaped keys."""
-        own = self.state_dict()
-        missing = sorted(set(own) - set(state))
-        unexpected = sorted(set(state) - set(own))
-        wrong = sorted(k for k in set(own) & set(state) if tuple(own[k].shape) != tuple(state[k].shape))
-        if missing or unexpected or wrong:
-            def show(keys):
-                return ", ".join(keys[:8]) + (f" ... (+{len(keys) - 8})" if len(keys) > 8 else "")
-            parts = []
-            if missing:
-                parts.append(f"missing {len(missing)} keys: {show(missing)}")
-            if unexpected:
-                parts.append(f"unexpected {len(unexpected)} keys: {show(unexpected)}")
-            if wrong:
-                parts.append("wrong shapes: " + ", ".join(
-                    f"{k} expected {tuple(own[k].shape)} found {tuple(state[k].shape)}" for k in wrong[:8]))
-            raise ValueError(f"{source} does not match this pipeline's config: " + "; ".join(parts))
+        _check_state_shapes({k: tuple(v.shape) for k, v in self.state_dict().items()},
+                            {k: tuple(v.shape) for k, v in state.items()}, source=source)
         self.load_state_dict(state, strict=True)
 
     def save_pretrained(self, directory: str | os.PathLike, *, metadata: dict | None = None) -> Path:

@@ -109,14 +109,20 @@ def run(args) -> int:
         device = dist_device
     else:
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    summary = build_synthetic(
-        args.input, args.out, variants_per_image=args.variants, noise_level=args.noise_level,
-        pipeline=args.model, batch_size=args.batch_size, seed=args.seed, cfg=args.cfg,
-        temperature=args.temperature, num_iter=args.num_iter, rdm_steps=args.rdm_steps, shots=args.shots,
-        quality_threshold=args.quality_threshold, overwrite=args.overwrite, progress=not args.no_progress,
-        process_index=process_index, num_processes=num_processes, records_per_shard=args.records_per_shard,
-        device=device, barrier=barrier,
-    )
+    try:
+        summary = build_synthetic(
+            args.input, args.out, variants_per_image=args.variants, noise_level=args.noise_level,
+            pipeline=args.model, batch_size=args.batch_size, seed=args.seed, cfg=args.cfg,
+            temperature=args.temperature, num_iter=args.num_iter, rdm_steps=args.rdm_steps, shots=args.shots,
+            quality_threshold=args.quality_threshold, overwrite=args.overwrite, progress=not args.no_progress,
+            process_index=process_index, num_processes=num_processes, records_per_shard=args.records_per_shard,
+            device=device, barrier=barrier,
+        )
+    except OSError as err:  # disk full, read-only file system, ...: one line, not a traceback
+        if isinstance(err, (FileNotFoundError, FileExistsError, PermissionError)):
+            raise  # the top-level handler prints these
+        print(f"rcg-augment build: error: {err}", file=sys.stderr)
+        return 1
     if process_index != 0 and summary.complete:
         return 0
     sheet = None

@@ -36,7 +36,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .sources import ImageSource, SourceError, open_source, pil_to_tensor
+from .sources import BUILTIN_SOURCES, ImageSource, SourceError, open_source, pil_to_tensor
 
 logger = logging.getLogger(__name__)
 
@@ -96,14 +96,27 @@ def _fsync_dir(path: Path) -> None:
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` so that a crash leaves either the old file or the new one."""
+    """Write ``data`` to ``path`` so that a crash leaves either the old file or the new one.
+
+    A full disk raises ``OSError(ENOSPC)`` naming the file, after removing the partial temp file.
+    """
     tmp = path.with_name(f"{path.name}.tmp.{os.getpid()}")
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
+    try:
+        # O_NOFOLLOW: a symlink planted at the temp name is refused, never written through
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o644)
+        with open(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+        _fsync_dir(path.parent)
+    except OSError as err:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        if err.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise OSError(err.errno, f"no space left on device while writing {path} ({len(data)} bytes); "
+                          "free space and rerun the same command to resume (complete shards are kept)") from err
+        raise
 
 
 def _json_bytes(obj) -> bytes:
@@ -113,7 +126,7 @@ def _json_bytes(obj) -> bytes:
 def _read_json(path: Path):
     try:
         return json.loads(path.read_text())
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         return None
 
 
@@ -286,7 +299,12 @@ class _BuildLock:
             raise
 
     def _take(self, path: Path, mode: int, write_pid: bool) -> None:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:  # O_NOFOLLOW: never truncate a file that a planted symlink points to
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+        except OSError as err:
+            if err.errno != errno.ELOOP:
+                raise
+            raise ValueError(f"{path} is a symlink; remove it (rcg-augment writes its lock there)") from None
         try:
             fcntl.flock(fd, mode | fcntl.LOCK_NB)
         except OSError as err:
@@ -364,9 +382,9 @@ def _clear_cache(out_dir: Path) -> None:
     # manifest first: a kill half-way leaves no directory that claims to be complete
     for name in (MANIFEST_NAME, SHARD_DIR, "contact_sheet.png", PLAN_NAME):
         p = out_dir / name
-        if p.is_dir():
+        if p.is_dir() and not p.is_symlink():
             shutil.rmtree(p)
-        elif p.exists():
+        elif p.exists() or p.is_symlink():  # a symlink goes, never what it points to
             p.unlink()
     for p in out_dir.glob(f"{PLAN_NAME}.tmp.*"):
         p.unlink()
@@ -377,6 +395,10 @@ def _clear_cache(out_dir: Path) -> None:
 def _check_out_dir(out_dir: Path) -> None:
     if out_dir.exists() and not out_dir.is_dir():
         raise ValueError(f"`out_dir` {out_dir} exists and is not a directory; choose a directory path")
+    links = sorted(name for name in _OWN_NAMES if (out_dir / name).is_symlink())
+    if links:  # writing through them would write outside out_dir
+        raise ValueError(f"`out_dir` {out_dir} holds symlinks where the cache writes ({', '.join(links)}); "
+                         "remove them or choose a new directory")
     if (out_dir / PLAN_NAME).exists() or (out_dir / MANIFEST_NAME).exists():
         return
     foreign = sorted(p.name for p in out_dir.iterdir()
@@ -473,6 +495,10 @@ def build_synthetic(
     levels = _noise_levels(noise_level)
     K, V = int(variants_per_image), int(variants_per_image) * len(levels)
     out_dir = Path(out_dir)
+    if isinstance(source, (str, os.PathLike)) and str(source) not in BUILTIN_SOURCES and Path(source).is_dir() \
+            and out_dir.resolve().is_relative_to(Path(source).resolve()):
+        raise ValueError(f"`out_dir` {out_dir} is inside the input folder {source}: the next run would read the "
+                         "cache as images; choose an output directory outside it")
 
     pipe, model_name = _resolve_pipeline(pipeline, device)
     settings = pipe._settings(cfg, temperature, num_iter, rdm_steps, None)  # validated, defaults resolved

@@ -40,7 +40,7 @@ def contact_sheet(
         variants: per row, a list of PIL images (rows may differ in length).
         path: where to write the PNG (parent folders are created).
         row_labels: text under each source (e.g. the class name); default "source i".
-        cell_size: pixels per cell; default: the largest image side, enlarged to at least 64.
+        cell_size: pixels per cell; default: the largest image side (at most 256), enlarged to at least 64.
 
     Example::
 
@@ -55,7 +55,7 @@ def contact_sheet(
     labels = list(row_labels) if row_labels is not None else [f"source {i}" for i in range(len(sources))]
     all_images = list(sources) + [v for row in variants for v in row]
     if cell_size is None:
-        largest = max(max(im.size) for im in all_images)
+        largest = min(max(max(im.size) for im in all_images), 256)  # photos shrink: bounded sheet memory
         cell_size = largest * max(1, -(-64 // largest))  # integer upscale of tiny images
     cell = int(cell_size)
     columns = 1 + max((len(row) for row in variants), default=0)

@@ -25,7 +25,7 @@ def read_manifest(out_dir: str | os.PathLike) -> dict:
         raise FileNotFoundError(f"{out_dir} is not a complete synthetic cache: {MANIFEST_NAME} is missing{hint}")
     try:
         manifest = json.loads(path.read_text())
-    except (OSError, ValueError) as err:
+    except (OSError, ValueError, RecursionError) as err:
         raise ValueError(f"{path}: unreadable manifest ({err}); rebuild the cache with --overwrite") from err
     if not isinstance(manifest, dict) or manifest.get("format") != CACHE_FORMAT or not manifest.get("complete"):
         raise ValueError(f"{path} is not a complete {CACHE_FORMAT} manifest; rebuild the cache with --overwrite")

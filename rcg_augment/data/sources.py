@@ -108,8 +108,11 @@ def pil_to_tensor(img: Image.Image, size: int, channels: int):
             img = Image.alpha_composite(background, img)
         elif img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
             a = np.asarray(img, dtype=np.float64)
-            span = a.max() - a.min()
-            img = Image.fromarray(np.round((a - a.min()) / (span if span > 0 else 1.0) * 255).astype(np.uint8))
+            finite = np.isfinite(a)  # float TIFFs may hold NaN/inf: scale by the finite values
+            lo, hi = (a[finite].min(), a[finite].max()) if finite.any() else (0.0, 0.0)
+            a = np.nan_to_num(a, nan=lo, posinf=hi, neginf=lo)
+            span = hi - lo
+            img = Image.fromarray(np.round((a - lo) / (span if span > 0 else 1.0) * 255).astype(np.uint8))
         img = img.convert(mode)
     if img.size != (size, size):
         img = img.resize((size, size), Image.Resampling.BICUBIC)
@@ -142,33 +145,53 @@ def _load_lfw_faces() -> ImageSource:
     return ImageSource("lfw-faces", ["non-face", "face"], labels, images)
 
 
-def _is_safe_class_dir(path: Path, root: Path) -> bool:
+def _inside(path: Path, root: Path) -> bool:
+    """Whether ``path`` (symlinks resolved) lies strictly inside ``root``; False for broken links and loops."""
     try:
-        return path.resolve().is_relative_to(root.resolve())
-    except (OSError, RuntimeError):  # symlink loops
+        target, root = path.resolve(strict=True), root.resolve()
+    except (OSError, RuntimeError):  # broken symlinks, symlink loops
         return False
+    return target != root and target.is_relative_to(root)
 
 
 def _from_folder(root: Path) -> ImageSource:
-    """``root/<class>/<image>`` (labels from sub-folders) or a flat folder of images (one class)."""
-    subdirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    """``root/<class>/<image>`` (labels from sub-folders) or a flat folder of images (one class).
+
+    Names starting with "." are ignored. A symlink (class folder or image) is followed only when
+    its target lies inside ``root``; others are listed in ``skipped`` and never opened.
+    """
+    skipped: list[tuple[str, str]] = []
+
+    def followable(p: Path) -> bool:
+        if p.is_symlink() and not _inside(p, root):
+            skipped.append((str(p), "symlink to a target outside the input folder (or broken, or a loop); "
+                                    "not followed"))
+            return False
+        return True
+
+    subdirs = sorted(p for p in root.iterdir()
+                     if not p.name.startswith(".") and p.is_dir() and followable(p))
+
     def images_in(folder: Path) -> list[Path]:
         return sorted(p for p in folder.iterdir()
-                      if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith("."))
-    groups = ([(d.name, d) for d in subdirs if _is_safe_class_dir(d, root)] if subdirs
-              else [(root.name or "images", root)])
-    classes, labels, items, skipped = [], [], [], []
+                      if p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith(".") and followable(p)
+                      and p.is_file())
+
+    groups = [(d.name, d) for d in subdirs] if subdirs else [(root.name or "images", root)]
+    classes, labels, items = [], [], []
     for name, folder in groups:
         files = images_in(folder)
         if not files:
-            raise SourceError(f"{folder}: the class folder '{name}' holds no images ({', '.join(IMAGE_EXTENSIONS)})")
+            hint = "" if subdirs else " and no class sub-folders (names starting with '.' are ignored)"
+            raise SourceError(f"{folder}: the class folder '{name}' holds no images ({', '.join(IMAGE_EXTENSIONS)})"
+                              + hint)
         good = []
         for f in files:
             try:
                 with Image.open(f) as img:
                     img.verify()
                 good.append(f)
-            except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
+            except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
                 skipped.append((str(f), f"{type(err).__name__}: {err}"))
         if not good:
             raise SourceError(f"{folder}: none of the {len(files)} files of class '{name}' could be read")
@@ -176,7 +199,7 @@ def _from_folder(root: Path) -> ImageSource:
         labels.extend([len(classes) - 1] * len(good))
         items.extend(good)
     for path, reason in skipped:
-        logger.warning("skipping unreadable image %s (%s)", path, reason)
+        logger.warning("skipping %s (%s)", path, reason)
     return ImageSource(str(root), classes, labels, items, skipped)
 
 
