@@ -10,6 +10,8 @@ from PIL import Image
 
 from rcg_augment import RCGPipeline
 from rcg_augment.cli import main
+from rcg_augment.data import open_source
+from rcg_augment.data.splits import benchmark_split, indices_sha256
 from tests.training.helpers import digits_array, micro_pipeline
 
 QUICK = ["--steps", "2", "--batch-size", "4", "--no-progress", "--log-every", "1"]
@@ -59,12 +61,31 @@ def test_recipe_quick_run_and_finetune(micro_dir, tmp_path):
     assert rc == 0
     record = RCGPipeline.from_pretrained(out).config.metadata["training"][-1]
     assert record["recipe"] == "digits-tiny" and record["steps"] == 2  # 2000 * 0.001
+    # a recipe trains on the benchmark pool: the few-shot test split is held out and fingerprinted
+    digits = open_source("digits")
+    pool, test = benchmark_split(digits)
+    assert record["num_images"] == len(pool) == 1258
+    assert record["excluded_test_indices_sha256"] == indices_sha256(test)
     ft = tmp_path / "ft"
     rc = main(["finetune", "--from", str(out), "--data", "lfw-faces", "--classes", "face", "--out", str(ft),
                "--stages", "mage", *QUICK])
     assert rc == 0
     meta = RCGPipeline.from_pretrained(ft).config.metadata["training"][-1]
     assert meta["stage"] == "mage" and meta["num_images"] == 100 and meta["finetuned_from"] == str(out)
+
+
+def test_faces_recipe_pool_keeps_pool_faces_only():
+    from rcg_augment.training.api import _benchmark_pool
+
+    source, meta = _benchmark_pool("lfw-faces", ("face",))
+    full = open_source("lfw-faces")
+    pool, test = benchmark_split(full)
+    expected = [i for i in pool if full.classes[full.labels[i]] == "face"]
+    assert len(source) == len(expected) == 70
+    assert set(source.labels) == {full.classes.index("face")}
+    assert meta["excluded_test_indices_sha256"] == indices_sha256(test)
+    with pytest.raises(ValueError, match="not in"):
+        _benchmark_pool("lfw-faces", ("cat",))
 
 
 def test_max_steps_stops_with_exit_code_3_and_resumes(micro_dir, tmp_path, capsys):

@@ -261,6 +261,21 @@ def finetune(
     return train_all(data, out_dir, stages=stages, init=init, metadata=metadata, **kwargs)
 
 
+def _benchmark_pool(spec: str, classes: Sequence[str] | None) -> tuple[ImageSource, dict]:
+    """The benchmark pool of ``spec`` (its held-out test split removed), restricted to ``classes``,
+    and the metadata that proves which images were held out."""
+    from ..data.splits import benchmark_split, indices_sha256
+
+    full = open_source(spec)
+    pool, test = benchmark_split(full)
+    if classes:
+        open_data(spec, classes)  # validates the class names with the usual error
+        wanted = {full.classes.index(c) for c in classes}
+        pool = [i for i in pool if full.labels[i] in wanted]
+    note = f"{spec} benchmark pool: {len(pool)} images; the {len(test)} benchmark test images held out"
+    return full.subset(pool), {"trained_on": note, "excluded_test_indices_sha256": indices_sha256(test)}
+
+
 def run_recipe(
     recipe: str | Recipe, out_dir: str | os.PathLike, *, data=None, init=None, stages: Sequence[str] | None = None,
     steps_scale: float = 1.0, per_stage: Mapping[str, Mapping] | None = None, max_time: float | None = None,
@@ -288,8 +303,14 @@ def run_recipe(
             settings["warmup_steps"] = round(settings["warmup_steps"] * steps_scale)
         per[name] = {**settings, **user_settings[name]}
     metadata = {"recipe": r.name, **({"steps_scale": steps_scale} if steps_scale != 1 else {})}
-    common = dict(data=r.data if data is None else data, stages=chosen, classes=None if data is not None else r.classes,
-                  per_stage=per, max_time=max_time, metadata=metadata)
+    classes = None if data is not None else r.classes
+    if data is None and r.hold_out_benchmark_test:
+        data, held_out = _benchmark_pool(r.data, r.classes)
+        classes = None
+        metadata.update(held_out)
+    elif data is None:
+        data = r.data
+    common = dict(data=data, stages=chosen, classes=classes, per_stage=per, max_time=max_time, metadata=metadata)
     if r.init is not None:
         return finetune(r.init if init is None else init, out_dir=out_dir, **common)
     return train_all(out_dir=out_dir, init=init, preset=r.preset, in_channels=r.in_channels,

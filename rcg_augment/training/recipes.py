@@ -24,6 +24,10 @@ class Recipe:
             config overrides); otherwise a named model or folder to fine-tune.
         common: settings for every stage (TrainConfig fields and stage options).
         per_stage: settings for one stage, on top of ``common``.
+        hold_out_benchmark_test: train on the benchmark pool only: the images of the few-shot
+            benchmark's held-out test split (``rcg_augment.data.splits``) are left out, and the
+            model's metadata records their fingerprint (``excluded_test_indices_sha256``), which
+            ``benchmarks/fewshot.py`` checks. Applies when the recipe trains on its own data.
     """
 
     name: str
@@ -37,6 +41,7 @@ class Recipe:
     pipeline: dict = field(default_factory=dict)
     common: dict = field(default_factory=dict)
     per_stage: dict = field(default_factory=dict)
+    hold_out_benchmark_test: bool = True
 
 
 # Step counts are sized for ~40 minutes in total on 2 CPU cores at batch 64, from measured per-step
