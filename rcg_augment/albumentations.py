@@ -53,7 +53,7 @@ class RCGAugment(ImageOnlyTransform):
     """Replace each image by an RCG reconstruction with the same semantics.
 
     Targets: image, images (one pipeline call for the whole batch), volume.
-    Image types: HWC (or HW) numpy, uint8 or float32 in [0, 1], 1-4 channels (a 2nd/4th
+    Image types: HWC (or HW) numpy, uint8, uint16 or float in [0, 1], 1-4 channels (a 2nd/4th
     channel is alpha and is kept untouched); the output has the input's shape and dtype.
 
     Args:
@@ -162,8 +162,8 @@ class RCGAugment(ImageOnlyTransform):
             levels = np.full(n, float(self.noise_level))
         return {"noise_levels": levels, "seed": int(self.random_generator.integers(0, _SEED_BOUND))}
 
-    def _run(self, batch: np.ndarray, noise_levels: np.ndarray, seed: int) -> np.ndarray:
-        tensor, info = numpy_to_batch(batch)
+    def _run(self, batch: np.ndarray, noise_levels: np.ndarray, seed: int, shape: tuple | None = None) -> np.ndarray:
+        tensor, info = numpy_to_batch(batch, shape=shape)
         levels = torch.from_numpy(np.resize(np.asarray(noise_levels, dtype=np.float64), len(tensor)))
         apply = torch.ones(len(tensor), dtype=torch.bool)
         out = augment_batch(self._model, tensor, levels, apply, seed, self._settings)
@@ -173,7 +173,7 @@ class RCGAugment(ImageOnlyTransform):
         if not isinstance(img, np.ndarray) or img.ndim not in (2, 3):
             shape = getattr(img, "shape", None)
             raise ValueError(f"`image` must be a numpy array (H, W) or (H, W, C), got {type(img).__name__} {shape}")
-        return self._run(img[None], noise_levels[:1], seed)[0]
+        return self._run(img[None], noise_levels[:1], seed, shape=img.shape)[0]
 
     def apply_to_images(self, images: np.ndarray, noise_levels: np.ndarray, seed: int, **params: Any) -> np.ndarray:
         images = np.asarray(images)

@@ -307,18 +307,28 @@ def augment_batch(
     return out
 
 
-def numpy_to_batch(batch: np.ndarray) -> tuple[torch.Tensor, dict]:
-    """(N, H, W) or (N, H, W, C) uint8 / uint16 / float array -> (N, C, H, W) tensor + how to undo."""
+def numpy_to_batch(batch: np.ndarray, *, shape: tuple | None = None) -> tuple[torch.Tensor, dict]:
+    """(N, H, W) or (N, H, W, C) uint8 / uint16 / float array -> (N, C, H, W) tensor + how to undo.
+
+    Errors speak of the channels-last layout the caller used; ``shape`` is the shape to name in them
+    (the caller's, before a batch dimension was added).
+    """
     a = np.asarray(batch)
+    shown = tuple(a.shape) if shape is None else tuple(shape)
     info = {"dtype": a.dtype, "squeeze": a.ndim == 3}
     if a.ndim == 3:
         a = a[..., None]
     if a.ndim != 4:
-        raise ValueError(f"`image` must have shape (H, W) or (H, W, C), got {tuple(a.shape[1:])}")
+        raise ValueError(f"`image` must have shape (H, W) or (H, W, C), got {shown}")
+    if a.shape[-1] not in (1, 2, 3, 4):
+        raise ValueError(f"`image` must have 1 (L), 2 (LA), 3 (RGB) or 4 (RGBA) channels last (H, W, C), got shape "
+                         f"{shown}")
+    if min(a.shape) == 0:
+        raise ValueError(f"`image` is empty: shape {shown}")
     if a.dtype == np.uint16:
         a = a.astype(np.float32) / 65535.0
     elif a.dtype != np.uint8 and not np.issubdtype(a.dtype, np.floating):
-        raise TypeError(f"`image` must be uint8 or float32 in [0, 1], got dtype {a.dtype}")
+        raise TypeError(f"`image` must be uint8, uint16 or floating point in [0, 1], got dtype {a.dtype}")
     elif a.dtype == np.float16:
         a = a.astype(np.float32)  # torch ops on half are slow and lossy on CPU
     return torch.from_numpy(np.require(a, requirements=["C", "W"])).permute(0, 3, 1, 2), info
