@@ -7,7 +7,7 @@ and compares the record hashes, the shard files and the manifest with a referenc
 trial survives when all of them match and no temp file or lock is left behind.
 
     python benchmarks/killtrials.py --kills 20            # ~5-10 min on 2 busy cores
-    python benchmarks/killtrials.py --kills 3 --chain     # 3 kills in a row on one directory
+    python benchmarks/killtrials.py --kills 20 --chain    # kill, resume, kill, ... on one directory
 
 The pytest form is tests/data/test_build.py::test_resume_after_sigkill_matches_uninterrupted
 (3 chained kills; RCG_BUILD_KILLS=20 for more). Writes benchmarks/results/killtrials.json.
@@ -36,7 +36,7 @@ WORKER = textwrap.dedent("""
     print(json.dumps({"complete": s.complete, "records": s.records, "written": s.records_written,
                       "resumed": s.shards_resumed}))
 """)
-KWARGS = dict(variants_per_image=4, noise_level=[0.3, 0.8], batch_size=2, records_per_shard=4, num_iter=2,
+KWARGS = dict(variants_per_image=8, noise_level=[0.3, 0.8], batch_size=2, records_per_shard=4, num_iter=2,
               rdm_steps=2)
 
 
@@ -75,6 +75,10 @@ def manifest_shards(out_dir: Path) -> list:
     return json.loads((out_dir / "manifest.json").read_text())["shards"]
 
 
+def done_shards(out_dir: Path) -> int:
+    return len(list((out_dir / "shards").glob("*.json"))) if (out_dir / "shards").is_dir() else 0
+
+
 def state_at_kill(out_dir: Path) -> str:
     if not (out_dir / "plan.json").exists():
         return "before plan.json"
@@ -99,7 +103,7 @@ def make_inputs(work: Path) -> tuple[Path, Path]:
     rng = np.random.default_rng(0)
     for c in ("cat", "dog"):
         (folder / c).mkdir(parents=True)
-        for i in range(4):
+        for i in range(6):
             Image.fromarray(rng.integers(0, 256, (12, 12, 3), dtype=np.uint8)).save(folder / c / f"{i}.png")
     return folder, model
 
@@ -130,16 +134,38 @@ def main(argv=None) -> int:
               f"work {work_s:.1f} s", flush=True)
 
         trials, kills, attempts = [], 0, 0
-        out = work / "chain"
+        out, chain = work / "chain", []  # chain: the kills on ``out`` not verified yet
+
+        def close_chain(kills_on_it: list[dict], result: dict) -> None:
+            for t in kills_on_it:
+                t.update(result)
+            print(f"  {out.name}: {len(kills_on_it)} kills, then completed: "
+                  f"{'identical to the reference' if result['survived'] else 'FAILED ' + result['why']}", flush=True)
         while kills < args.kills and attempts < 4 * args.kills:
             attempts += 1
             if not args.chain:
                 out = work / f"trial-{attempts:03d}"
-            delay = rng.uniform(0.5 * startup, startup + work_s)
             proc = spawn(folder, out, model)
-            time.sleep(delay)
+            t_spawn = time.monotonic()
+            if args.chain:
+                # a resumed run: kill after it has written at least one new shard, at a random point
+                # of the next shard's time, so every kill lands mid-work (never in start-up)
+                before = done_shards(out)
+                while proc.poll() is None and done_shards(out) == before:
+                    time.sleep(0.005)
+                time.sleep(rng.uniform(0.0, 2.0 * work_s / max(1, len(expected_files) // 2)))
+            else:
+                # a fresh run: 1 kill in 5 during start-up (before or while the plan is written),
+                # the rest uniformly over the time it spends generating and writing shards
+                t_kill = (rng.uniform(0.5 * startup, startup) if rng.random() < 0.2
+                          else rng.uniform(startup, startup + work_s))
+                time.sleep(max(0.0, t_kill - (time.monotonic() - t_spawn)))
+            delay = time.monotonic() - t_spawn
             if proc.poll() is not None:  # finished first: no kill landed, draw again
                 proc.communicate()
+                if args.chain and (out / "manifest.json").exists():  # the chain completed: check it, start anew
+                    close_chain(chain, verify(folder, out, model, expected, expected_files, expected_manifest))
+                    chain, out = [], work / f"chain-{attempts:03d}"
                 continue
             proc.send_signal(signal.SIGKILL)
             proc.communicate()
@@ -150,12 +176,11 @@ def main(argv=None) -> int:
                 print(f"kill {kills:2d} at {delay:5.1f} s ({trial['state_at_kill']}): "
                       f"{'survived' if trial['survived'] else 'FAILED ' + trial['why']}", flush=True)
             else:
-                print(f"kill {kills:2d} at {delay:5.1f} s ({trial['state_at_kill']})", flush=True)
+                print(f"kill {kills:2d} at {delay:5.1f} s ({trial['state_at_kill']}) in {out.name}", flush=True)
+                chain.append(trial)
             trials.append(trial)
-        if args.chain:
-            final = verify(folder, out, model, expected, expected_files, expected_manifest)
-            for t in trials:
-                t.update(final)
+        if args.chain and chain:
+            close_chain(chain, verify(folder, out, model, expected, expected_files, expected_manifest))
         survived = sum(t["survived"] for t in trials)
     result = {"kills": kills, "survived": survived, "attempts": attempts, "chain": args.chain, "seed": args.seed,
               "records": n_records, "startup_s": round(startup, 2), "work_s": round(work_s, 2), "trials": trials}
