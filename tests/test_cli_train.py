@@ -134,3 +134,17 @@ def test_numpy_source_gray_detection():
 
     assert infer_channels(open_source(np.zeros((3, 8, 8), np.uint8))) == 1
     assert infer_channels(open_source(np.zeros((3, 8, 8, 3), np.uint8))) == 3
+
+
+def test_finetuned_model_does_not_inherit_the_init_identity(tmp_path):
+    from rcg_augment.training.api import resolve_init
+
+    pipe = micro_pipeline()
+    init_dir = pipe.save_pretrained(tmp_path / "named", metadata={
+        "name": "digits-tiny", "source": "somewhere", "excluded_test_indices_sha256": "abc", "license": "MIT"})
+    start, described = resolve_init(str(init_dir), tmp_path / "new", None)
+    meta = start.config.metadata
+    assert described == str(init_dir)
+    assert "name" not in meta and "excluded_test_indices_sha256" not in meta
+    assert meta["init_model"] == {"name": "digits-tiny", "source": "somewhere", "excluded_test_indices_sha256": "abc"}
+    assert meta["license"] == "MIT"  # weights derived from licensed weights keep the license

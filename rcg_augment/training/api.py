@@ -126,6 +126,19 @@ def new_pipeline(preset: str = "tiny", *, in_channels: int = 3, overrides: Mappi
         return RCGPipeline(config)
 
 
+# Metadata that names and describes one trained model: a model trained from it is another model,
+# so these move under "init_model" (the license stays: weights derived from licensed weights).
+IDENTITY_KEYS = ("name", "source", "trained_on", "excluded_test_indices_sha256", "defaults_chosen_by")
+
+
+def _as_start(pipe: RCGPipeline) -> RCGPipeline:
+    meta = pipe.config.metadata
+    moved = {k: meta.pop(k) for k in IDENTITY_KEYS if k in meta}
+    if moved:
+        meta["init_model"] = moved
+    return pipe
+
+
 def resolve_init(init, out_dir: Path, source: ImageSource, *, preset: str = "tiny", in_channels: int | None = None,
                  overrides: Mapping | None = None, seed: int = 0) -> tuple[RCGPipeline, str]:
     """The starting pipeline and a description of it.
@@ -137,9 +150,9 @@ def resolve_init(init, out_dir: Path, source: ImageSource, *, preset: str = "tin
     if isinstance(init, RCGPipeline):
         return init, "pipeline object"
     if isinstance(init, Mapping):
-        return RCGPipeline.from_official(**dict(init)), "official files"
+        return _as_start(RCGPipeline.from_official(**dict(init))), "official files"
     if init is not None:
-        return RCGPipeline.from_pretrained(init), str(init)
+        return _as_start(RCGPipeline.from_pretrained(init)), str(init)
     if (out_dir / CONFIG_NAME).is_file():
         logger.info("continuing the pipeline already in %s", out_dir)
         return RCGPipeline.from_pretrained(out_dir), str(out_dir)
