@@ -2,7 +2,9 @@
 
 Both train only on the benchmark pool (`rcg_augment.data.splits`): the few-shot benchmark's test
 images are never seen. Measured on 2 CPU cores (idle box): digits-tiny 1,330 s for the four stages
-plus 949 s for the MAGE continuation; faces-tiny 793 s. Output folders load with
+plus 949 s for the MAGE continuation; faces-tiny (its recipe, `rcg-augment finetune --recipe
+faces-tiny`) 1,812 s measured with one thread beside two other jobs (sized for about 12 minutes
+idle; not measured idle). Output folders load with
 `RCGPipeline.from_pretrained`; copy config.json and model.safetensors into
 `rcg_augment/weights/<name>/` to bundle them.
 
@@ -21,7 +23,7 @@ from pathlib import Path
 
 from rcg_augment.data import open_source
 from rcg_augment.data.splits import benchmark_split, indices_sha256
-from rcg_augment.training import finetune, train_all
+from rcg_augment.training import finetune, run_recipe, train_all
 
 COMMON = {"batch_size": 64, "log_every": 25, "checkpoint_every": 250}
 DIGITS = {  # the first digits-tiny recipe at steps_scale 0.4
@@ -32,12 +34,6 @@ DIGITS = {  # the first digits-tiny recipe at steps_scale 0.4
 }
 DIGITS_MAGE_MORE = {"steps": 1000, "blr": 3e-3, "ema_decay": 0.999, "crop_scale": (0.8, 1.0), "hflip": False,
                     "batch_size": 64, "seed": 1, "warmup_steps": 50, "log_every": 25, "checkpoint_every": 250}
-FACES = {  # the first faces-tiny recipe at steps_scale 0.5, from the first-stage digits model
-    "encoder": {"steps": 150, "blr": 5e-4, "crop_scale": (0.35, 1.0), "max_grad_norm": 1.0},
-    "tokenizer": {"steps": 250, "blr": 1e-3, "max_grad_norm": 1.0},
-    "rdm": {"steps": 400, "blr": 5e-6, "lr_schedule": "cosine", "warmup_steps": 25, "ema_decay": 0.999},
-    "mage": {"steps": 400, "blr": 7.5e-4, "ema_decay": 0.999, "crop_scale": (0.8, 1.0)},
-}
 
 
 def stamp(out: Path, note: str, test) -> None:
@@ -60,14 +56,14 @@ def main() -> None:
     finetune(str(first), digits.subset(pool), final, stages=("mage",), per_stage={"mage": DIGITS_MAGE_MORE})
     stamp(final, f"digits pool: {len(pool)} images; benchmark test split held out", test)
 
+    # faces-tiny is the faces-tiny recipe run from the digits-tiny above (the recipe holds the
+    # benchmark test split out by itself and records it in the training record)
+    run_recipe("faces-tiny", out / "faces-tiny", init=str(final))
     faces_src = open_source("lfw-faces")
     fpool, ftest = benchmark_split(faces_src)
     faces = [i for i in fpool if faces_src.classes[faces_src.labels[i]] == "face"]
-    per = {k: {**COMMON, "seed": 0, "hflip": True, **v} for k, v in FACES.items()}
-    finetune(str(first), faces_src.subset(faces), out / "faces-tiny",
-             stages=("encoder", "tokenizer", "rdm", "mage"), per_stage=per)
-    stamp(out / "faces-tiny", f"lfw-faces pool faces: {len(faces)} images; benchmark test split held out", ftest)
-
+    stamp(out / "faces-tiny", f"lfw-faces benchmark pool faces: {len(faces)} images; the {len(ftest)} benchmark "
+          "test images held out", ftest)
 
 if __name__ == "__main__":
     main()
