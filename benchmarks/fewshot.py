@@ -24,6 +24,7 @@ Usage:
     python benchmarks/fewshot.py --model digits=DIR --model lfw-faces=DIR2
     python benchmarks/fewshot.py --train-split-file split.json --split-only
     python benchmarks/fewshot.py --datasets digits --seeds 3 --arms none,classical,probe,probe+rep-aug
+    python benchmarks/fewshot.py merge runs/a/fewshot.json runs/b/fewshot.json   # one report from per-dataset runs
 """
 
 from __future__ import annotations
@@ -732,8 +733,39 @@ def parse_args(argv=None) -> tuple[argparse.Namespace, Settings]:
     return args, s
 
 
+def merge_reports(paths: list[Path], out_dir: Path) -> int:
+    """One report from the datasets of several result JSONs (e.g. one run per dataset)."""
+    reports = [json.loads(Path(p).read_text()) for p in paths]
+    merged = dict(reports[0], datasets={}, runs=[])
+    for path, r in zip(paths, reports, strict=True):
+        if r["settings"]["quick"] != merged["settings"]["quick"]:
+            raise SystemExit(f"{path}: cannot merge quick and full results")
+        for name, d in r["datasets"].items():
+            merged["datasets"][name] = d  # a later file wins
+        merged["runs"].append({"file": str(path), "date": r["date"], "command": r["command"],
+                               "datasets": sorted(r["datasets"]), "wall_seconds": r.get("wall_seconds")})
+    merged["wall_seconds"] = sum(run["wall_seconds"] or 0.0 for run in merged["runs"])
+    merged["command"] = " ; ".join(run["command"] for run in merged["runs"])
+    stem = "fewshot_quick" if merged["settings"]["quick"] else "fewshot"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / f"{stem}.json").write_text(json.dumps(merged, indent=1) + "\n")
+    md = markdown(merged)
+    (out_dir / f"{stem}.md").write_text(md + "\n")
+    plot(merged, out_dir / f"{stem}.png")
+    print(md)
+    return 0
+
+
 def main(argv=None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    if argv is None:
+        argv = sys.argv[1:]
+    if argv and argv[0] == "merge":
+        ap = argparse.ArgumentParser(prog="fewshot.py merge", description=merge_reports.__doc__)
+        ap.add_argument("reports", nargs="+", type=Path, help="result JSONs, e.g. one per dataset")
+        ap.add_argument("--out-dir", type=Path, default=RESULTS)
+        a = ap.parse_args(argv[1:])
+        return merge_reports(a.reports, a.out_dir)
     args, s = parse_args(argv)
     t_start = time.perf_counter()
     torch.set_num_threads(args.threads)

@@ -96,3 +96,20 @@ def test_fewshot_quick(tmp_path):
     for name, entry in record["datasets"].items():
         assert len(entry["test_indices"]) == len(set(entry["test_indices"])) > 0
         assert entry["pool_size"] + len(entry["test_indices"]) == entry["num_images"], name
+
+    # merge: one report from per-dataset result files (a later file wins for a dataset in both)
+    report = json.loads((tmp_path / "fewshot_quick.json").read_text())
+    parts = []
+    for name in report["datasets"]:
+        part = dict(report, datasets={name: report["datasets"][name]}, command=f"run {name}", wall_seconds=2.0)
+        parts.append(tmp_path / f"{name}.json")
+        parts[-1].write_text(json.dumps(part))
+    merged_dir = tmp_path / "merged"
+    proc = subprocess.run([sys.executable, str(SCRIPT), "merge", *map(str, parts), "--out-dir", str(merged_dir)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    merged = json.loads((merged_dir / "fewshot_quick.json").read_text())
+    assert merged["datasets"] == report["datasets"]
+    assert merged["wall_seconds"] == 4.0 and [r["command"] for r in merged["runs"]] == ["run digits", "run lfw-faces"]
+    assert (merged_dir / "fewshot_quick.md").read_text() == (tmp_path / "fewshot_quick.md").read_text().replace(
+        f"wall time {report['wall_seconds']:.0f} s", "wall time 4 s")
