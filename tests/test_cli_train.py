@@ -6,6 +6,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from rcg_augment import RCGPipeline
@@ -42,6 +43,8 @@ def test_train_stage_writes_a_loadable_pipeline(image_folder, micro_dir, tmp_pat
     pipe = RCGPipeline.from_pretrained(out)
     record = pipe.config.metadata["training"][-1]
     assert record["stage"] == "tokenizer" and record["seed"] == 3 and record["num_images"] == 12
+    # what a bit-exact reproduction needs besides the seed
+    assert record["torch_threads"] == torch.get_num_threads() and record["torch"] == torch.__version__
     start = json.loads((out / "log.jsonl").read_text().splitlines()[0])
     assert start["settings"]["options"]["recon_loss"] == "mse"
 
@@ -57,10 +60,10 @@ def test_train_all_from_preset_infers_channels(image_folder, tmp_path):
 def test_recipe_quick_run_and_finetune(micro_dir, tmp_path):
     out = tmp_path / "recipe"
     rc = main(["train", "rdm", "--recipe", "digits-tiny", "--init", str(micro_dir), "--out", str(out),
-               "--steps-scale", "0.001", "--batch-size", "4", "--no-progress"])
+               "--steps-scale", "0.002", "--batch-size", "4", "--no-progress"])
     assert rc == 0
     record = RCGPipeline.from_pretrained(out).config.metadata["training"][-1]
-    assert record["recipe"] == "digits-tiny" and record["steps"] == 2  # 2000 * 0.001
+    assert record["recipe"] == "digits-tiny" and record["steps"] == 2  # 1200 * 0.002, rounded
     # a recipe trains on the benchmark pool: the few-shot test split is held out and fingerprinted
     digits = open_source("digits")
     pool, test = benchmark_split(digits)
@@ -72,6 +75,39 @@ def test_recipe_quick_run_and_finetune(micro_dir, tmp_path):
     assert rc == 0
     meta = RCGPipeline.from_pretrained(ft).config.metadata["training"][-1]
     assert meta["stage"] == "mage" and meta["num_images"] == 100 and meta["finetuned_from"] == str(out)
+
+
+def test_recipe_continuation_runs_after_its_stage_and_resumes_as_finished(micro_dir, tmp_path, capsys):
+    """digits-tiny continues MAGE after the four stages (the bundled weights were made that way):
+    the continuation trains into the same folder under its own checkpoint name, with its own
+    settings, and a rerun skips both runs instead of mistaking one for the other."""
+    out = tmp_path / "cont"
+    args = ["train", "mage", "--recipe", "digits-tiny", "--init", str(micro_dir), "--out", str(out),
+            "--steps-scale", "0.002", "--batch-size", "4", "--no-progress"]
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    assert "mage      done: step 2/2" in printed and "mage-continued-1 done: step 2/2" in printed
+    records = RCGPipeline.from_pretrained(out).config.metadata["training"]
+    first, cont = records[-2], records[-1]
+    assert first["stage"] == cont["stage"] == "mage"
+    assert "run_name" not in first and first["seed"] == 0
+    assert cont["run_name"] == "mage-continued-1" and cont["continuation"] == 1 and cont["seed"] == 1
+    assert cont["lr"] == pytest.approx(2 * first["lr"])  # blr 3e-3 after 1.5e-3
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["mage", "mage-continued-1"]
+    weights = (out / "model.safetensors").read_bytes()
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    assert printed.count("already finished") == 2
+    assert (out / "model.safetensors").read_bytes() == weights
+
+
+def test_run_name_must_be_a_plain_folder_name():
+    from rcg_augment.training.loop import TrainConfig
+
+    for bad in ("", "..", "a/b", "../x"):
+        with pytest.raises(ValueError, match="run_name"):
+            TrainConfig(run_name=bad)
+    assert TrainConfig(run_name="mage-continued-1").run_name == "mage-continued-1"
 
 
 def test_faces_recipe_pool_keeps_pool_faces_only():

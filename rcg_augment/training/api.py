@@ -324,10 +324,34 @@ def run_recipe(
     elif data is None:
         data = r.data
     common = dict(data=data, stages=chosen, classes=classes, per_stage=per, max_time=max_time, metadata=metadata)
+    t0 = time.monotonic()
     if r.init is not None:
-        return finetune(r.init if init is None else init, out_dir=out_dir, **common)
-    return train_all(out_dir=out_dir, init=init, preset=r.preset, in_channels=r.in_channels,
-                     pipeline_overrides=r.pipeline, **common)
+        results = finetune(r.init if init is None else init, out_dir=out_dir, **common)
+    else:
+        results = train_all(out_dir=out_dir, init=init, preset=r.preset, in_channels=r.in_channels,
+                            pipeline_overrides=r.pipeline, **common)
+    if not all(res.completed for res in results.values()) or len(results) < len(chosen):
+        return results  # stopped early (time budget): a rerun finishes the stages, then continues
+    for k, (name, extra) in enumerate(r.continuation, start=1):
+        if name not in chosen:
+            continue
+        settings = {**distribute_settings(r.common, {name: extra}, [name])[name]}
+        settings["steps"] = max(1, round(settings.get("steps", TrainConfig.steps) * steps_scale))
+        if "warmup_steps" in settings:
+            settings["warmup_steps"] = round(settings["warmup_steps"] * steps_scale)
+        settings = {**settings, **user_settings[name], "run_name": f"{name}-continued-{k}"}
+        if max_time is not None:
+            left = max_time - (time.monotonic() - t0)
+            if left <= 0:
+                logger.warning("time budget spent before continuation %d (%s); run again to continue", k, name)
+                break
+            settings["max_time"] = min(left, settings.get("max_time") or left)
+        key = f"{name}-continued-{k}"
+        results[key] = train_stage(name, data, out_dir, init=None, classes=classes,
+                                   metadata={**metadata, "continuation": k}, **settings)
+        if not results[key].completed:
+            break
+    return results
 
 
 __all__ = [

@@ -99,6 +99,9 @@ class TrainConfig:
             skip a stage already finished there); ``False`` deletes them and starts over.
         keep_finished_checkpoints: keep the checkpoints once a stage has finished.
         progress: show a tqdm bar on the main process.
+        run_name: name of this run's checkpoint folder ``checkpoints/<run_name>`` (default: the
+            stage's name). A second run of a stage into the same output folder (a recipe's
+            continuation phase) needs a name of its own, or it is taken for the finished first.
     """
 
     steps: int = 1000
@@ -124,8 +127,13 @@ class TrainConfig:
     resume: bool = True
     keep_finished_checkpoints: bool = False
     progress: bool = True
+    run_name: str | None = None
 
     def __post_init__(self) -> None:
+        if self.run_name is not None and (
+            not self.run_name or self.run_name in (".", "..") or any(ch in self.run_name for ch in "/\\\0")
+        ):
+            raise ValueError(f"`run_name` must be a plain folder name, got {self.run_name!r}")
         if self.betas is not None:
             self.betas = tuple(float(b) for b in self.betas)
         checks = [
@@ -470,7 +478,7 @@ def run_training(
     main = accelerator.is_main_process
     device = accelerator.device
     nproc, rank = accelerator.num_processes, accelerator.process_index
-    ckpt_root = out_dir / CHECKPOINTS_DIR / stage.name
+    ckpt_root = out_dir / CHECKPOINTS_DIR / (config.run_name or stage.name)
     t_start = time.monotonic()
 
     effective_batch = config.batch_size * config.grad_accum * nproc
@@ -712,7 +720,10 @@ def run_training(
     record = {"stage": stage.name, "steps": step, "total_steps": config.steps, "completed": completed,
               "effective_batch": effective_batch, "lr": lr, "seed": config.seed, "data": source.name,
               "num_images": len(source), "final_loss": history[-1]["loss"] if history else None,
-              **(metadata or {})}
+              # CPU kernels split their sums by thread count: the same seed on another thread
+              # count (or torch build) gives other bytes, so a reproduction needs both
+              "torch_threads": torch.get_num_threads(), "torch": torch.__version__, "device": str(device),
+              **({"run_name": config.run_name} if config.run_name else {}), **(metadata or {})}
     accelerator.wait_for_everyone()
     if main:
         records = list(pipe.config.metadata.get("training", [])) + [_jsonable(record)]
