@@ -124,6 +124,20 @@ def test_faces_recipe_pool_keeps_pool_faces_only():
         _benchmark_pool("lfw-faces", ("cat",))
 
 
+def test_lfw_pool_recipe_is_faces_tiny_on_the_whole_pool():
+    """The few-shot benchmark's lfw model sees the unlabelled pool: faces and non-faces."""
+    from rcg_augment.training.api import _benchmark_pool
+    from rcg_augment.training.recipes import FACES_TINY, get_recipe
+
+    r = get_recipe("lfw-pool-tiny")
+    assert r.classes is None and r.data == "lfw-faces" and r.init == "digits-tiny"
+    assert (r.stages, r.common, r.per_stage) == (FACES_TINY.stages, FACES_TINY.common, FACES_TINY.per_stage)
+    source, _ = _benchmark_pool(r.data, r.classes)
+    full = open_source("lfw-faces")
+    pool, _ = benchmark_split(full)
+    assert len(source) == len(pool) == 140 and sorted(set(source.labels)) == [0, 1]
+
+
 def test_max_steps_stops_with_exit_code_3_and_resumes(micro_dir, tmp_path, capsys):
     args = ["train", "rdm", "--data", "digits", "--out", str(tmp_path / "o"), "--init", str(micro_dir),
             "--steps", "4", "--batch-size", "4", "--no-progress"]
