@@ -50,8 +50,8 @@ class Recipe:
 
 
 # These are the settings the bundled digits-tiny weights were trained with. A rerun gives a model
-# of the same quality, not the same bytes: CPU sums depend on the thread count, which the bundled
-# run did not record (README, "Does the recipe reproduce the bundled weights?"). History: a first run of these four stages
+# of the same quality, not the same bytes (CPU sums depend on the thread count, and something
+# unrecorded differed too; README, "Does the recipe reproduce the bundled weights?"). History: a first run of these four stages
 # left MAGE close to unconditional (masked-token accuracy 14%, conditional = unconditional, label
 # preservation 0.15 at noise 0); 1,000 more MAGE steps at a 2x higher learning rate (the
 # continuation) fixed that (conditional 25% vs unconditional 19%). Measured wall time on 2 CPU
