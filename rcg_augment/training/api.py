@@ -306,15 +306,17 @@ def run_recipe(
     chosen = list(stages) if stages else list(r.stages)
     for name in chosen:
         _check_stage(name)
-    recipe_settings = distribute_settings(r.common, r.per_stage, chosen)
     user_settings = distribute_settings(overrides, per_stage, chosen)
-    per = {}
-    for name in chosen:
-        settings = recipe_settings[name]
+
+    def settings_for(name: str, recipe_part: Mapping) -> dict:
+        """The recipe's settings for one run of ``name`` (steps scaled), then the caller's."""
+        settings = distribute_settings(r.common, {name: recipe_part}, chosen)[name]
         settings["steps"] = max(1, round(settings.get("steps", TrainConfig.steps) * steps_scale))
         if "warmup_steps" in settings:
             settings["warmup_steps"] = round(settings["warmup_steps"] * steps_scale)
-        per[name] = {**settings, **user_settings[name]}
+        return {**settings, **user_settings[name]}
+
+    per = {name: settings_for(name, r.per_stage.get(name, {})) for name in chosen}
     metadata = {"recipe": r.name, **({"steps_scale": steps_scale} if steps_scale != 1 else {})}
     classes = None if data is not None else r.classes
     if data is None and r.hold_out_benchmark_test:
@@ -335,18 +337,14 @@ def run_recipe(
     for k, (name, extra) in enumerate(r.continuation, start=1):
         if name not in chosen:
             continue
-        settings = {**distribute_settings(r.common, {name: extra}, [name])[name]}
-        settings["steps"] = max(1, round(settings.get("steps", TrainConfig.steps) * steps_scale))
-        if "warmup_steps" in settings:
-            settings["warmup_steps"] = round(settings["warmup_steps"] * steps_scale)
-        settings = {**settings, **user_settings[name], "run_name": f"{name}-continued-{k}"}
+        key = f"{name}-continued-{k}"
+        settings = {**settings_for(name, extra), "run_name": key}
         if max_time is not None:
             left = max_time - (time.monotonic() - t0)
             if left <= 0:
                 logger.warning("time budget spent before continuation %d (%s); run again to continue", k, name)
                 break
             settings["max_time"] = min(left, settings.get("max_time") or left)
-        key = f"{name}-continued-{k}"
         results[key] = train_stage(name, data, out_dir, init=None, classes=classes,
                                    metadata={**metadata, "continuation": k}, **settings)
         if not results[key].completed:

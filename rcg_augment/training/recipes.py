@@ -2,8 +2,8 @@
 
 ``digits-tiny`` trains the whole stack from scratch on sklearn's digits (32 px, 1 channel) in
 about 38 minutes on 2 idle CPU cores; ``faces-tiny`` fine-tunes it on the faces of
-``skimage.data.lfw_subset()``, ``lfw-pool-tiny`` on all of its pool images (faces and non-faces). Run them with ``rcg-augment train all --recipe digits-tiny --out DIR``
-and ``rcg-augment finetune --recipe faces-tiny --out DIR [--from DIR]``, or
+``skimage.data.lfw_subset()``, ``lfw-pool-tiny`` on all of its pool images (faces and
+non-faces). Run them with ``rcg-augment train all --recipe digits-tiny --out DIR`` and ``rcg-augment finetune --recipe faces-tiny --out DIR [--from DIR]``, or
 :func:`rcg_augment.training.run_recipe`.
 """
 
@@ -51,10 +51,10 @@ class Recipe:
 
 # These are the settings the bundled digits-tiny weights were trained with. A rerun gives a model
 # of the same quality, not the same bytes (CPU sums depend on the thread count, and something
-# unrecorded differed too; README, "Does the recipe reproduce the bundled weights?"). History: a first run of these four stages
-# left MAGE close to unconditional (masked-token accuracy 14%, conditional = unconditional, label
-# preservation 0.15 at noise 0); 1,000 more MAGE steps at a 2x higher learning rate (the
-# continuation) fixed that (conditional 25% vs unconditional 19%). Measured wall time on 2 CPU
+# unrecorded differed too; README, "Does the recipe reproduce the bundled weights?").
+# History: a first run of these four stages left MAGE close to unconditional (masked-token
+# accuracy 14%, conditional = unconditional, label preservation 0.15 at noise 0); 1,000 more MAGE
+# steps at a 2x higher learning rate (the continuation) fixed that (conditional 25% vs unconditional 19%). Measured wall time on 2 CPU
 # cores, idle: 1,330 s for the four stages + 949 s for the continuation.
 # Learning rates: at batch 64 the official blr gives lr ~1e-4, far too slow for a few thousand
 # steps; the tiny runs use absolute lrs of ~1e-3 (the official large-batch runs use ~2.4e-3).
