@@ -10,6 +10,10 @@ bundled models never trained on.
   held-out images (the ceiling);
 - diversity: mean pixel distance (RMS, [0, 1] scale) between variants of one source, and from
   each variant to its source, per noise level;
+- fidelity decomposition: where a variant loses its class, stage by stage, on held-out images
+  (tokenizer round trip, encoder nearest neighbour, MAGE rendering the image's own
+  representation, full reconstruct per noise level) and MAGE's masked-token accuracy with and
+  without the representation;
 - Frechet distance in the model's encoder space (normalised 256-d representations) between
   generated and real held-out images, next to the distance between two disjoint real halves (the
   floor) and between reconstructions at each level and the real images.
@@ -17,6 +21,7 @@ bundled models never trained on.
 Usage:
     python benchmarks/quality.py --model digits-tiny --data digits
     python benchmarks/quality.py --model faces-tiny --data lfw-faces --classes face
+    python benchmarks/quality.py --model digits-tiny --fidelity-only   # the decomposition alone
     python benchmarks/quality.py --quick            # seconds: random tiny model, few images
 """
 
@@ -62,6 +67,65 @@ def batched(fn, x: torch.Tensor, batch: int) -> torch.Tensor:
     return torch.cat([fn(x[i:i + batch]) for i in range(0, len(x), batch)]) if len(x) else x
 
 
+@torch.inference_mode()
+def masked_token_accuracy(pipe, x: torch.Tensor, *, mask_ratio: float = 0.75, seed: int = 0,
+                          batch: int = 256) -> dict:
+    """Held-out masked-token accuracy of MAGE with and without the representation.
+
+    ``mask_ratio`` of each image's VQ tokens (at random, seeded) are masked; the share of them
+    whose arg-max prediction is the true code, given the image's own representation
+    (conditional) or the learned unconditional latent.
+    """
+    from rcg_augment.sampling.maskgit import keep_source_tokens
+
+    g = torch.Generator().manual_seed(seed)
+    hits = {"conditional": 0, "unconditional": 0}
+    total = 0
+    mask_id = pipe.config.mage.mask_token_id
+    for i in range(0, len(x), batch):
+        xb = x[i:i + batch]
+        codes = pipe.tokenizer.encode(xb).flatten(1)
+        start = keep_source_tokens(codes, mask_ratio, mask_id, generator=g)
+        masked = start == mask_id
+        rep = pipe.encode(xb)
+        for name, r in (("conditional", rep), ("unconditional", None)):
+            pred = pipe.mage(start, r).argmax(-1)
+            hits[name] += int((pred == codes)[masked].sum())
+        total += int(masked.sum())
+    return {k: v / max(1, total) for k, v in hits.items()} | {"mask_ratio": mask_ratio}
+
+
+@torch.inference_mode()
+def fidelity_decomposition(pipe, clf, x_pool, y_pool, x_test, y_test, settings: dict, *, seed: int,
+                           batch: int) -> dict:
+    """Label preservation stage by stage on held-out images, judged by the pixel oracle ``clf``.
+
+    - ``oracle_on_real``: the oracle on the real held-out images (the ceiling);
+    - ``tokenizer_round_trip``: decode(encode(x)) — what the VQ tokenizer alone keeps;
+    - ``encoder_nearest_neighbour``: the class of the nearest pool image in representation space;
+    - ``mage_from_own_representation``: MAGE renders the image's own representation (noise 0,
+      no RDM), at ``settings`` with ``repaint_fraction`` 1 (full generation);
+    - ``masked_token_accuracy``: see :func:`masked_token_accuracy`.
+    """
+    predict = lambda imgs: clf.predict(imgs.flatten(1).numpy())  # noqa: E731
+    out = {"oracle_on_real": float((predict(x_test) == y_test).mean())}
+    size = (pipe.image_size, pipe.image_size)
+    roundtrip = batched(lambda b: pipe.tokenizer.decode(pipe.tokenizer.encode(pipe._resize(b, size))).clamp(0, 1),
+                        x_test, batch)
+    out["tokenizer_round_trip"] = float((predict(pipe._resize(roundtrip, tuple(x_test.shape[-2:]))) == y_test).mean())
+    f_pool = torch.nn.functional.normalize(batched(pipe.encode, x_pool, batch), dim=-1)
+    f_test = torch.nn.functional.normalize(batched(pipe.encode, x_test, batch), dim=-1)
+    nearest = (f_test @ f_pool.t()).argmax(-1).numpy()
+    out["encoder_nearest_neighbour"] = float((y_pool[nearest] == y_test).mean())
+    g = torch.Generator().manual_seed(seed)
+    own = {k: v for k, v in settings.items() if k in ("cfg", "temperature", "num_iter")}
+    rendered = batched(lambda b: pipe.render(pipe.encode(b), generator=g, repaint_fraction=1.0, **own), x_test, batch)
+    out["mage_from_own_representation"] = float((predict(pipe._resize(rendered, tuple(x_test.shape[-2:])))
+                                                 == y_test).mean())
+    out["masked_token_accuracy"] = masked_token_accuracy(pipe, x_test, seed=seed, batch=batch)
+    return out
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=None, help="pipeline dir or named model (default: random tiny, --quick only)")
@@ -75,6 +139,10 @@ def main(argv=None) -> int:
     ap.add_argument("--num-iter", type=int, default=None)
     ap.add_argument("--rdm-steps", type=int, default=None)
     ap.add_argument("--cfg", type=float, default=None)
+    ap.add_argument("--repaint-fraction", type=float, default=None,
+                    help="share of the source's tokens MAGE repaints, in [0.5, 1] (default: the model's)")
+    ap.add_argument("--fidelity-only", action="store_true",
+                    help="only the fidelity decomposition on ALL held-out images (no sheet, no FD)")
     ap.add_argument("--batch-size", type=int, default=128)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--quick", action="store_true")
@@ -103,7 +171,8 @@ def main(argv=None) -> int:
 
     x_pool, y_pool = tensors(pool_idx), np.array([source.labels[i] for i in pool_idx])
     x_test, y_test = tensors(test_idx), np.array([source.labels[i] for i in test_idx])
-    settings = dict(num_iter=args.num_iter, rdm_steps=args.rdm_steps, cfg=args.cfg)
+    settings = dict(num_iter=args.num_iter, rdm_steps=args.rdm_steps, cfg=args.cfg,
+                    repaint_fraction=args.repaint_fraction)
     levels = [float(v) for v in args.noise_levels.split(",")]
     rng = np.random.default_rng(args.seed)
     chosen = np.sort(rng.choice(len(x_test), size=min(args.sources, len(x_test)), replace=False))
@@ -117,6 +186,34 @@ def main(argv=None) -> int:
     if multi_class:
         clf = LogisticRegression(max_iter=2000, C=0.5).fit(x_pool.flatten(1).numpy(), y_pool)
         real_acc = float((clf.predict(x_test.flatten(1).numpy()) == y_test).mean())
+    fidelity = None
+    if clf is not None:
+        fidelity = fidelity_decomposition(pipe, clf, x_pool, y_pool, x_test, y_test,
+                                          pipe.resolve_settings(**settings).to_dict(), seed=args.seed,
+                                          batch=args.batch_size)
+        print(f"fidelity: {fidelity}", file=sys.stderr, flush=True)
+    if args.fidelity_only:
+        if fidelity is None:
+            ap.error("--fidelity-only needs a labelled dataset with >= 2 classes")
+        # Full reconstruct per level on every held-out image (one variant each).
+        g = torch.Generator().manual_seed(args.seed)
+        fidelity["reconstruct"] = {}
+        for level in levels:
+            out = batched(lambda b, lv=level: pipe.reconstruct(b, lv, generator=g, **settings), x_test,
+                          args.batch_size)
+            fidelity["reconstruct"][str(level)] = float((clf.predict(out.flatten(1).numpy()) == y_test).mean())
+        stem = args.name or f"fidelity_{Path(str(args.model or 'quick')).name}"
+        out_dir = Path(args.out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        result = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "model": args.model or "random tiny",
+                  "data": args.data, "held_out_test_images": len(test_idx),
+                  "settings": pipe.resolve_settings(**settings).to_dict(), "fidelity": fidelity,
+                  "seconds": time.time() - t0, "command": "python benchmarks/quality.py "
+                  + " ".join(argv if argv is not None else sys.argv[1:])}
+        (out_dir / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
+        print_fidelity(fidelity)
+        print(f"\nJSON: {out_dir / f'{stem}.json'}  ({result['seconds']:.0f} s)")
+        return 0
     g = torch.Generator().manual_seed(args.seed)
     per_level = {}
     variants_by_level = {}
@@ -165,9 +262,10 @@ def main(argv=None) -> int:
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "model": args.model or "random tiny",
         "model_metadata": {k: v for k, v in pipe.config.metadata.items() if k != "official"},
         "data": args.data, "classes": args.classes, "held_out_test_images": len(test_idx),
-        "sources": len(src), "variants_per_source": args.variants, "settings": pipe._settings(
-            args.cfg, None, args.num_iter, args.rdm_steps, None),
+        "sources": len(src), "variants_per_source": args.variants,
+        "settings": pipe.resolve_settings(**settings).to_dict(),
         "pixel_classifier_real_test_accuracy": real_acc if clf is not None else None,
+        "fidelity": fidelity,
         "per_noise_level": per_level, "frechet_distance_encoder_space": fd, "contact_sheet": str(sheet),
         "seconds": time.time() - t0, "versions": {"rcg_augment": __version__, "torch": torch.__version__},
         "command": "python benchmarks/quality.py " + " ".join(argv if argv is not None else sys.argv[1:]),
@@ -183,11 +281,26 @@ def main(argv=None) -> int:
     for level, row in per_level.items():
         lp = f"{row['label_preservation']:.3f}" if "label_preservation" in row else "n/a"
         print(f"| {level} | {lp} | {row['diversity_rms_between_variants']:.3f} | {row['rms_to_source']:.3f} |")
+    if fidelity is not None:
+        print_fidelity(fidelity)
     print("\n| Frechet distance (encoder space) | value |\n|---|---|")
     for k, v in fd.items():
         print(f"| {k} | {v:.2f} |")
     print(f"\ncontact sheet: {sheet}\nJSON: {out_dir / f'{stem}.json'}  ({result['seconds']:.0f} s)")
     return 0
+
+
+def print_fidelity(f: dict) -> None:
+    print("\n| stage (held-out images) | label preservation |\n|---|---|")
+    rows = [("real images (oracle ceiling)", f["oracle_on_real"]), ("VQ tokenizer round trip", f["tokenizer_round_trip"]),
+            ("encoder, nearest pool neighbour", f["encoder_nearest_neighbour"]),
+            ("MAGE from the image's own representation", f["mage_from_own_representation"])]
+    rows += [(f"full reconstruct, noise {lv}", v) for lv, v in f.get("reconstruct", {}).items()]
+    for name, v in rows:
+        print(f"| {name} | {v:.3f} |")
+    m = f["masked_token_accuracy"]
+    print(f"\nMAGE masked-token accuracy ({m['mask_ratio']:.0%} masked): with representation "
+          f"{m['conditional']:.3f}, without {m['unconditional']:.3f}")
 
 
 if __name__ == "__main__":

@@ -102,7 +102,7 @@ def bench_model(name: str, pipe: RCGPipeline, batches: list[int], *, repeats: in
                 cfg: float) -> list[dict]:
     # Inference only; the flop counter's module hooks also need parameters without grad here.
     pipe.requires_grad_(False)
-    s = pipe._settings(cfg, None, None, None, None)
+    s = pipe.resolve_settings(cfg=cfg).to_dict()
     params = {part: sum(p.numel() for p in getattr(pipe, part).parameters())
               for part in ("encoder", "rdm", "tokenizer", "mage")}
     rows = []

@@ -62,7 +62,8 @@ class RCGAugment(ImageOnlyTransform):
         model: a named model (``"digits-tiny"``), a directory written by
             ``RCGPipeline.save_pretrained``, or an ``RCGPipeline`` (not serialisable by
             ``A.to_dict``). Names and directories load lazily, once per process and device.
-        cfg, temperature, num_iter, rdm_steps: generation overrides (None: the model's defaults).
+        cfg, temperature, num_iter, rdm_steps, repaint_fraction: generation overrides (None: the
+            model's defaults); see :class:`rcg_augment.RCGAugment`.
         device: where the model runs ("cpu" by default for names and directories).
         p: probability of applying the transform.
 
@@ -77,6 +78,7 @@ class RCGAugment(ImageOnlyTransform):
         temperature: float | None
         num_iter: int | None
         rdm_steps: int | None
+        repaint_fraction: float | None
         device: str | None
 
         @field_validator("noise_level", mode="before")
@@ -99,7 +101,7 @@ class RCGAugment(ImageOnlyTransform):
                 f"RCGPipeline.save_pretrained, or an RCGPipeline; got {type(value).__name__}"
             )
 
-        @field_validator("cfg", "temperature", "num_iter", "rdm_steps", mode="before")
+        @field_validator("cfg", "temperature", "num_iter", "rdm_steps", "repaint_fraction", mode="before")
         @classmethod
         def _settings(cls, value: Any, info) -> Any:
             try:
@@ -115,19 +117,21 @@ class RCGAugment(ImageOnlyTransform):
     def __init__(
         self, noise_level: float | tuple[float, float] = 0.3, *, model: str | os.PathLike | RCGPipeline = "digits-tiny",
         cfg: float | None = None, temperature: float | None = None, num_iter: int | None = None,
-        rdm_steps: int | None = None, device: str | None = None, p: float = 1.0,
+        rdm_steps: int | None = None, repaint_fraction: float | None = None, device: str | None = None,
+        p: float = 1.0,
     ) -> None:
         super().__init__(p=p)
         self.noise_level = noise_level
         self.model = model
         self.cfg, self.temperature, self.num_iter, self.rdm_steps = cfg, temperature, num_iter, rdm_steps
+        self.repaint_fraction = repaint_fraction
         self.device = device
         # Outside the pydantic schema: the zoo's FileNotFoundError for a missing model must
         # surface as it is (albumentations turns other exceptions in a schema into warnings).
         self._model = ModelHandle(model, device)
 
     def get_transform_init_args_names(self) -> tuple[str, ...]:
-        return ("noise_level", "model", "cfg", "temperature", "num_iter", "rdm_steps", "device")
+        return ("noise_level", "model", "cfg", "temperature", "num_iter", "rdm_steps", "repaint_fraction", "device")
 
     def to_dict_private(self) -> dict[str, Any]:
         if not self._model.serialisable:
@@ -148,7 +152,7 @@ class RCGAugment(ImageOnlyTransform):
     @property
     def _settings(self) -> dict:
         return {"cfg": self.cfg, "temperature": self.temperature, "num_iter": self.num_iter,
-                "rdm_steps": self.rdm_steps}
+                "rdm_steps": self.rdm_steps, "repaint_fraction": self.repaint_fraction}
 
     def get_params_dependent_on_data(self, params: dict[str, Any], data: dict[str, Any]) -> dict[str, Any]:
         n = 1

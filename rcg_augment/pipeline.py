@@ -28,7 +28,8 @@ from .models.mage import MAGE, MAGE_PRESETS, MAGEConfig
 from .models.rdm import RDM_PRESETS, RDMConfig, RepresentationDenoiser
 from .models.tokenizer import TOKENIZER_PRESETS, TokenizerConfig, VQTokenizer
 from .sampling.diffusion import DDIMSampler, NoiseSchedule
-from .sampling.maskgit import maskgit_decode
+from .sampling.maskgit import keep_source_tokens, maskgit_decode
+from .settings import FULL_REPAINT, GenerationSettings
 
 logger = logging.getLogger(__name__)
 
@@ -44,13 +45,15 @@ class ConfigError(ValueError):
 
 @dataclass
 class SamplingDefaults:
-    """Default generation settings; every one can be overridden per call."""
+    """A model's default generation settings (see :class:`~rcg_augment.settings.GenerationSettings`);
+    every one can be overridden per call."""
 
     cfg: float = 0.0
     temperature: float | None = None  # None: the MAGE config's value
     num_iter: int | None = None  # None: the MAGE config's value
     rdm_steps: int | None = None  # None: the RDM config's sampling_steps
     eta: float | None = None  # None: the RDM config's eta
+    repaint_fraction: float | None = None  # None: 1.0, the official full repaint
 
 
 @dataclass
@@ -197,6 +200,9 @@ def _check_state_shapes(own: dict[str, tuple], found: dict[str, tuple], *, sourc
         raise ValueError(f"{source} does not match this pipeline's config: " + "; ".join(parts))
 
 
+_FIELDS_ADDED_LATER = {"mage": {"rep_injection": "token"}, "defaults": {"repaint_fraction": None}}
+
+
 def derive_generator(generator: torch.Generator | None, device: torch.device) -> torch.Generator | None:
     """A generator on ``device`` seeded from ``generator`` (CPU generators can't draw on CUDA)."""
     if generator is None or generator.device.type == device.type:
@@ -333,7 +339,14 @@ class RCGPipeline(nn.Module):
 
     def fingerprint(self) -> str:
         """sha256 over config and weights: identifies a model for caches."""
-        h = hashlib.sha256(json.dumps(self.config.to_dict() | {"metadata": {}}, sort_keys=True).encode())
+        config = self.config.to_dict() | {"metadata": {}}
+        # Config fields added after models and caches existed hash as if absent while at their
+        # default, so a cache built before the field existed still matches its model.
+        for section, fields in _FIELDS_ADDED_LATER.items():
+            for name, default in fields.items():
+                if config[section].get(name) == default:
+                    config[section].pop(name)
+        h = hashlib.sha256(json.dumps(config, sort_keys=True).encode())
         for k, v in sorted(self.state_dict().items()):
             h.update(k.encode())
             h.update(v.detach().to("cpu").contiguous().numpy().tobytes())
@@ -372,33 +385,19 @@ class RCGPipeline(nn.Module):
             return images
         return F.interpolate(images, size=size, mode="bicubic", align_corners=False, antialias=True).clamp(0, 1)
 
-    def _settings(self, cfg, temperature, num_iter, rdm_steps, eta) -> dict:
-        """Resolve per-call settings against the defaults and validate them (before any work)."""
-        d = self.config.defaults
-        s = {
-            "cfg": float(d.cfg if cfg is None else cfg),
-            "temperature": float(self.config.mage.temperature if temperature is None and d.temperature is None
-                                 else d.temperature if temperature is None else temperature),
-            "num_iter": int(self.config.mage.num_iter if num_iter is None and d.num_iter is None
-                            else d.num_iter if num_iter is None else num_iter),
-            "rdm_steps": int(self.config.rdm.sampling_steps if rdm_steps is None and d.rdm_steps is None
-                             else d.rdm_steps if rdm_steps is None else rdm_steps),
-            "eta": float(self.config.rdm.eta if eta is None and d.eta is None else d.eta if eta is None else eta),
-        }
-        checks = {
-            "cfg": s["cfg"] >= 0, "temperature": s["temperature"] >= 0, "num_iter": s["num_iter"] >= 1,
-            "rdm_steps": 1 <= s["rdm_steps"] <= self.config.rdm.num_timesteps, "eta": s["eta"] >= 0,
-        }
-        ranges = {"cfg": ">= 0", "temperature": ">= 0", "num_iter": ">= 1",
-                  "rdm_steps": f"in [1, {self.config.rdm.num_timesteps}]", "eta": ">= 0"}
-        for name, ok in checks.items():
-            if not ok:
-                raise ValueError(f"`{name}` must be {ranges[name]}, got {s[name]}")
-        return s
+    def resolve_settings(self, settings: GenerationSettings | None = None, **overrides) -> GenerationSettings:
+        """``settings`` with ``overrides`` on top (None values ignored), every field filled from
+        this model's defaults and validated against it (before any work)."""
+        settings = settings or GenerationSettings()
+        changes = {k: v for k, v in overrides.items() if v is not None}
+        unknown = sorted(set(changes) - set(GenerationSettings.names()))
+        if unknown:
+            raise TypeError(f"unknown generation settings {unknown}; expected {list(GenerationSettings.names())}")
+        return settings.replace(**changes).resolve(self.config)
 
     def sampler(self, rdm_steps: int | None = None, eta: float | None = None) -> DDIMSampler:
-        s = self._settings(None, None, None, rdm_steps, eta)
-        return DDIMSampler(self.schedule, s["rdm_steps"], s["eta"])
+        s = self.resolve_settings(rdm_steps=rdm_steps, eta=eta)
+        return DDIMSampler(self.schedule, s.rdm_steps, s.eta)
 
     # ----------------------------------------------------------------- stages
     @torch.inference_mode()
@@ -425,15 +424,28 @@ class RCGPipeline(nn.Module):
     @torch.inference_mode()
     def render(
         self, rep: torch.Tensor, *, generator: torch.Generator | None = None, cfg: float | None = None,
-        temperature: float | None = None, num_iter: int | None = None,
+        temperature: float | None = None, num_iter: int | None = None, source: torch.Tensor | None = None,
+        repaint_fraction: float | None = None,
     ) -> torch.Tensor:
-        """Representations (B, rep_dim) -> images (B, C, image_size, image_size) in [0, 1]."""
-        s = self._settings(cfg, temperature, num_iter, None, None)
+        """Representations (B, rep_dim) -> images (B, C, image_size, image_size) in [0, 1].
+
+        ``source`` (B, C, image_size, image_size) in [0, 1] with ``repaint_fraction`` < 1: MAGE
+        starts from the source's VQ tokens with that share of them (drawn at random per image)
+        masked, and paints only those.
+        """
+        s = self.resolve_settings(cfg=cfg, temperature=temperature, num_iter=num_iter,
+                                  repaint_fraction=repaint_fraction)
         rep = rep.to(self.device, torch.float32)
         generator = derive_generator(generator, self.device)
         with self._autocast():
-            tokens = maskgit_decode(self.mage, rep, num_iter=s["num_iter"], temperature=s["temperature"],
-                                    cfg=s["cfg"], generator=generator)
+            start = None
+            if source is not None and s.repaint_fraction < FULL_REPAINT:
+                source = self._resize(source.to(self.device, torch.float32), (self.image_size, self.image_size))
+                codes = self.tokenizer.encode(source).flatten(1)
+                start = keep_source_tokens(codes, s.repaint_fraction, self.config.mage.mask_token_id,
+                                           generator=generator)
+            tokens = maskgit_decode(self.mage, rep, num_iter=s.num_iter, temperature=s.temperature, cfg=s.cfg,
+                                    generator=generator, start_tokens=start)
             images = self.tokenizer.decode(tokens)
         return images.float().clamp(0, 1)
 
@@ -443,6 +455,7 @@ class RCGPipeline(nn.Module):
         self, images: torch.Tensor, noise_level: float | torch.Tensor = 0.3, *,
         generator: torch.Generator | None = None, cfg: float | None = None, temperature: float | None = None,
         num_iter: int | None = None, rdm_steps: int | None = None, eta: float | None = None,
+        repaint_fraction: float | None = None,
     ) -> torch.Tensor:
         """New images with the same semantics: encode, renoise + denoise the representation, render.
 
@@ -455,6 +468,10 @@ class RCGPipeline(nn.Module):
             generator: seeds every random draw; the same seed gives the same output on CPU.
             cfg, temperature, num_iter: MAGE guidance scale (>= 0), re-masking temperature,
                 decoding steps. rdm_steps, eta: DDIM steps and eta for the RDM.
+            repaint_fraction: share of the source's VQ token map MAGE paints anew, in [0.5, 1]:
+                1 (default for the official models) generates every token from the
+                representation; lower keeps a random (1 - repaint_fraction) of the source's
+                tokens, so variants stay closer to their source (see ``GenerationSettings``).
 
         Returns:
             A float tensor of the input's shape, in [0, 1].
@@ -463,10 +480,13 @@ class RCGPipeline(nn.Module):
         if images.shape[0] == 0:
             return images.clone()
         size = tuple(images.shape[-2:])
-        self._settings(cfg, temperature, num_iter, rdm_steps, eta)  # validates early
+        s = self.resolve_settings(cfg=cfg, temperature=temperature, num_iter=num_iter, rdm_steps=rdm_steps,
+                                  eta=eta, repaint_fraction=repaint_fraction)  # validates early
         rep = self.encode(images)
-        rep = self.denoise_representations(rep, noise_level, generator=generator, rdm_steps=rdm_steps, eta=eta)
-        out = self.render(rep, generator=generator, cfg=cfg, temperature=temperature, num_iter=num_iter)
+        rep = self.denoise_representations(rep, noise_level, generator=generator, rdm_steps=s.rdm_steps, eta=s.eta)
+        out = self.render(rep, generator=generator, cfg=s.cfg, temperature=s.temperature, num_iter=s.num_iter,
+                          source=images if s.repaint_fraction < FULL_REPAINT else None,
+                          repaint_fraction=s.repaint_fraction)
         return self._resize(out, size)
 
     @torch.inference_mode()
@@ -478,11 +498,11 @@ class RCGPipeline(nn.Module):
         """``n`` unconditional samples: the RDM samples representations, MAGE renders them."""
         if n < 0:
             raise ValueError(f"`n` must be >= 0, got {n}")
-        s = self._settings(cfg, temperature, num_iter, rdm_steps, eta)
+        s = self.resolve_settings(cfg=cfg, temperature=temperature, num_iter=num_iter, rdm_steps=rdm_steps, eta=eta)
         if n == 0:
             return torch.zeros(0, self.in_channels, self.image_size, self.image_size, device=self.device)
         gen = derive_generator(generator, self.device)
-        sampler = DDIMSampler(self.schedule, s["rdm_steps"], s["eta"])
+        sampler = DDIMSampler(self.schedule, s.rdm_steps, s.eta)
         with self._autocast():
             rep = sampler.sample(self.rdm, (n, self.config.rdm.rep_dim), generator=gen, device=self.device).float()
         return self.render(rep, generator=gen, cfg=cfg, temperature=temperature, num_iter=num_iter)

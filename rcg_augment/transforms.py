@@ -34,6 +34,7 @@ from torchvision.transforms.v2 import Transform
 from torchvision.transforms.v2._utils import is_pure_tensor
 
 from .pipeline import WEIGHTS_NAME, RCGPipeline
+from .settings import GenerationSettings
 from .zoo import resolve_model_dir
 
 logger = logging.getLogger(__name__)
@@ -82,28 +83,17 @@ def check_seed(value: Any) -> int | None:
     return int(value)
 
 
-def check_sampling_settings(*, cfg=None, temperature=None, num_iter=None, rdm_steps=None, eta=None) -> dict:
-    """Validate the per-call generation overrides (None keeps the model's default).
+def check_sampling_settings(**settings) -> dict:
+    """Validate per-call generation overrides (None keeps the model's default) by
+    :class:`~rcg_augment.settings.GenerationSettings`; returns every field, None where unset.
 
-    The pipeline checks the upper bound of ``rdm_steps`` (its schedule length) when it runs.
+    The pipeline checks the bounds that depend on the model (``rdm_steps`` <= its schedule
+    length, ``repaint_fraction`` >= its MAGE's ``mask_ratio_min``) when it runs.
     """
-    out: dict[str, Any] = {}
-    for name, value in (("cfg", cfg), ("temperature", temperature), ("eta", eta)):
-        if value is not None:
-            v = _as_float(value, name)
-            if not v >= 0.0:
-                raise ValueError(f"`{name}` must be >= 0, got {value}")
-            value = v
-        out[name] = value
-    for name, value in (("num_iter", num_iter), ("rdm_steps", rdm_steps)):
-        if value is not None:
-            if isinstance(value, bool) or not isinstance(value, (numbers.Integral, np.integer)):
-                raise TypeError(f"`{name}` must be an int >= 1 or None, got {type(value).__name__} {value!r}")
-            if value < 1:
-                raise ValueError(f"`{name}` must be >= 1, got {value}")
-            value = int(value)
-        out[name] = value
-    return out
+    unknown = sorted(set(settings) - set(GenerationSettings.names()))
+    if unknown:
+        raise TypeError(f"unknown generation settings {unknown}; expected {list(GenerationSettings.names())}")
+    return GenerationSettings(**settings).to_dict()
 
 
 def check_device(value: Any) -> str | None:
@@ -420,6 +410,9 @@ class RCGAugment(Transform):
         cfg, temperature, num_iter, rdm_steps: generation overrides (None: the model's defaults):
             MAGE guidance scale (>= 0), sampling temperature (>= 0), decoding steps (>= 1), DDIM
             steps of the RDM (>= 1).
+        repaint_fraction: share of the image's VQ tokens MAGE paints anew, in [0.5, 1] (None: the
+            model's default). 1 is the official full generation; lower keeps a random part of
+            the source's tokens, so variants stay closer to it (see ``GenerationSettings``).
         device: where the model runs (default "cpu" for names/directories, the pipeline's own
             device for an object, which is moved if ``device`` is given). Inputs on other devices
             are moved there and back. CUDA cannot be used in forked DataLoader workers: on a GPU,
@@ -440,13 +433,14 @@ class RCGAugment(Transform):
     def __init__(
         self, noise_level: float | tuple[float, float] = 0.3, *, model: str | os.PathLike | RCGPipeline = "digits-tiny",
         p: float = 1.0, cfg: float | None = None, temperature: float | None = None, num_iter: int | None = None,
-        rdm_steps: int | None = None, device: str | torch.device | None = None, seed: int | None = None,
+        rdm_steps: int | None = None, repaint_fraction: float | None = None,
+        device: str | torch.device | None = None, seed: int | None = None,
     ) -> None:
         super().__init__()
         self.noise_level = check_noise_level(noise_level)
         self.p = check_probability(p)
         self._settings = check_sampling_settings(cfg=cfg, temperature=temperature, num_iter=num_iter,
-                                                 rdm_steps=rdm_steps)
+                                                 rdm_steps=rdm_steps, repaint_fraction=repaint_fraction)
         self._settings.pop("eta")
         self._model = ModelHandle(model, device)
         self._random = RandomSource(seed)

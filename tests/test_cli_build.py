@@ -60,6 +60,7 @@ def test_help_lists_every_flag(capsys):
     text = capsys.readouterr().out
     for flag in ("--input", "--out", "--variants", "--noise-level", "--shots", "--seed", "--model", "--batch-size",
                  "--device", "--cfg", "--num-iter", "--rdm-steps", "--quality-threshold", "--contact-sheet",
+                 "--repaint-fraction", "--label-filter", "--max-attempts",
                  "--overwrite", "digits", "lfw-faces", "accelerate launch"):
         assert flag in text
     with pytest.raises(SystemExit):
@@ -164,3 +165,19 @@ def test_accelerate_launch_two_processes_equals_one(folder, tmp_path, model_dir)
     one = json.loads((tmp_path / "one" / "manifest.json").read_text())
     two = json.loads((out / "manifest.json").read_text())
     assert two["seed"] == 4 and two["shards"] == one["shards"]
+
+
+def test_label_filter_and_repaint_fraction_flags(capsys, folder, model_dir, tmp_path):
+    out = tmp_path / "cache"
+    code, text, err = run(capsys, "--input", folder, "--out", out, "--model", model_dir, "--variants", 2,
+                          "--noise-level", 0.3, "--repaint-fraction", 0.6, "--label-filter", "--max-attempts", 2,
+                          *FAST)
+    assert code == 0, err
+    assert "label filter" in text and "per class: left" in text and "--max-attempts 2" in text
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["generation"]["repaint_fraction"] == 0.6
+    assert manifest["generation"]["label_filter"]["max_attempts"] == 2
+    assert set(manifest["label_filter_draws"]) == {"left", "right"}
+    code, _, err = run(capsys, "--input", folder, "--out", tmp_path / "x", "--model", model_dir, "--variants", 1,
+                       "--noise-level", 0.3, "--repaint-fraction", 0.2, *FAST)
+    assert code != 0 and "`repaint_fraction` must be in [0.5, 1]" in err

@@ -6,6 +6,8 @@ import argparse
 import os
 import sys
 
+from ..settings import DEFAULT_MAX_ATTEMPTS
+
 EPILOG = """\
 examples:
   rcg-augment build --input digits --shots 5 --out cache/digits-5shot --variants 8 --noise-level 0.3
@@ -69,8 +71,16 @@ def register(subparsers) -> None:
     g.add_argument("--temperature", type=float, help="MAGE re-masking temperature (>= 0)")
     g.add_argument("--num-iter", type=_positive_int, help="MAGE decoding steps")
     g.add_argument("--rdm-steps", type=_positive_int, help="DDIM steps of the representation diffusion")
+    g.add_argument("--repaint-fraction", type=float, metavar="F",
+                   help="share of each source's VQ tokens MAGE paints anew, in [0.5, 1]: 1 generates the whole "
+                   "image from the representation, lower keeps the rest of the source's tokens")
     p.add_argument("--quality-threshold", type=float, metavar="T",
                    help="drop variants whose representation's cosine similarity to the source's is below T")
+    p.add_argument("--label-filter", action="store_true",
+                   help="keep a variant only if its representation is nearest to its own class's prototype "
+                   "(mean representation of the class's sources); rejected variants are drawn again")
+    p.add_argument("--max-attempts", type=_positive_int, default=DEFAULT_MAX_ATTEMPTS, metavar="N",
+                   help=f"draws per variant with --label-filter (default {DEFAULT_MAX_ATTEMPTS})")
     p.add_argument("--contact-sheet", action="store_true", help="also write OUT/contact_sheet.png")
     p.add_argument("--overwrite", action="store_true", help="delete an existing cache in OUT first")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -113,8 +123,10 @@ def run(args) -> int:
         summary = build_synthetic(
             args.input, args.out, variants_per_image=args.variants, noise_level=args.noise_level,
             pipeline=args.model, batch_size=args.batch_size, seed=args.seed, cfg=args.cfg,
-            temperature=args.temperature, num_iter=args.num_iter, rdm_steps=args.rdm_steps, shots=args.shots,
-            quality_threshold=args.quality_threshold, overwrite=args.overwrite, progress=not args.no_progress,
+            temperature=args.temperature, num_iter=args.num_iter, rdm_steps=args.rdm_steps,
+            repaint_fraction=args.repaint_fraction, shots=args.shots, quality_threshold=args.quality_threshold,
+            label_filter=args.label_filter, max_attempts=args.max_attempts, overwrite=args.overwrite,
+            progress=not args.no_progress,
             process_index=process_index, num_processes=num_processes, records_per_shard=args.records_per_shard,
             device=device, barrier=barrier,
         )
@@ -146,6 +158,12 @@ def _print_summary(args, s, sheet, num_processes) -> None:
     print(f"  sources used   {s.sources_used} of {s.sources_total}{shots}; classes: {len(s.classes)}", file=out)
     if args.quality_threshold is not None:
         print(f"  quality filter cosine >= {args.quality_threshold:g}: dropped {s.dropped}", file=out)
+    if s.label_filter is not None:
+        gen = sum(v["generated"] for v in s.label_filter.values())
+        acc = sum(v["accepted"] for v in s.label_filter.values())
+        rates = ", ".join(f"{c} {r:.0%}" for c, r in s.acceptance_by_class().items())
+        print(f"  label filter   {acc} of {gen} draws accepted ({acc / max(1, gen):.0%}; --max-attempts "
+              f"{args.max_attempts}); per class: {rates}", file=out)
     print(f"  skipped files  {len(s.skipped)}", file=out)
     for path, reason in s.skipped[:10]:
         print(f"                 {path}: {reason}", file=out)

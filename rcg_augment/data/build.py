@@ -36,6 +36,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ..label_filter import DEFAULT_MAX_ATTEMPTS, PrototypeFilter, reconstruct_with_labels
+from ..settings import FULL_REPAINT, GenerationSettings
 from .sources import BUILTIN_SOURCES, ImageSource, SourceError, open_source, pil_to_tensor
 
 logger = logging.getLogger(__name__)
@@ -84,6 +86,15 @@ class BuildSummary:
     variants_per_second: float
     manifest_path: Path | None = None
     classes: list[str] = field(default_factory=list)
+    # With the label filter: per class name, {"generated": draws, "accepted": kept variants}.
+    label_filter: dict[str, dict[str, int]] | None = None
+
+    def acceptance_by_class(self) -> dict[str, float] | None:
+        """Accepted / generated draws per class (label filter on), else None."""
+        if self.label_filter is None:
+            return None
+        return {c: v["accepted"] / v["generated"] if v["generated"] else float("nan")
+                for c, v in self.label_filter.items()}
 
 
 # ---------------------------------------------------------------------------------------- helpers
@@ -427,8 +438,9 @@ def _check_plan(out_dir: Path, plan: dict) -> None:
 def build_synthetic(
     source, out_dir: str | os.PathLike, *, variants_per_image: int, noise_level: float | Sequence[float],
     pipeline, batch_size: int = 64, seed: int = 0, cfg: float | None = None, temperature: float | None = None,
-    num_iter: int | None = None, rdm_steps: int | None = None, shots: int | None = None,
-    quality_threshold: float | None = None, overwrite: bool = False, progress: bool = True,
+    num_iter: int | None = None, rdm_steps: int | None = None, repaint_fraction: float | None = None,
+    shots: int | None = None, quality_threshold: float | None = None, label_filter: bool = False,
+    max_attempts: int = DEFAULT_MAX_ATTEMPTS, overwrite: bool = False, progress: bool = True,
     process_index: int = 0, num_processes: int = 1, records_per_shard: int | None = None,
     device: str | torch.device | None = None, barrier: Callable[[], None] | None = None,
 ) -> BuildSummary:
@@ -443,10 +455,17 @@ def build_synthetic(
         batch_size: records per ``pipeline.reconstruct`` call (part of the cache's identity: a
             different batch size draws different noise).
         seed: seeds the few-shot draw and every generator.
-        cfg, temperature, num_iter, rdm_steps: generation settings (None: the model's defaults).
+        cfg, temperature, num_iter, rdm_steps, repaint_fraction: generation settings (None: the
+            model's defaults; see :class:`~rcg_augment.settings.GenerationSettings`).
         shots: keep this many images per class (drawn with ``seed``); None keeps all.
         quality_threshold: in [-1, 1]; re-encode each variant and drop it when the cosine
             similarity of its representation to its source's is below this. None: keep all.
+        label_filter: keep a variant only if its re-encoded representation is nearest to its own
+            class's prototype (the mean representation of that class's source images in this
+            build); a rejected variant is drawn again, up to ``max_attempts`` draws in all, and
+            dropped if none is accepted. Needs a labelled source with >= 2 classes. The summary
+            and the manifest report draws and acceptances per class.
+        max_attempts: draws per variant with ``label_filter`` (>= 1).
         overwrite: delete an existing cache in ``out_dir`` first (any settings).
         progress: show a tqdm bar (images/s, ETA).
         process_index, num_processes: this process's share of a distributed build; shard ``s``
@@ -486,6 +505,8 @@ def build_synthetic(
                          f"got {records_per_shard}")
     if quality_threshold is not None and not -1.0 <= float(quality_threshold) <= 1.0:
         raise ValueError(f"`quality_threshold` must be a cosine similarity in [-1, 1], got {quality_threshold}")
+    if int(max_attempts) != max_attempts or max_attempts < 1:
+        raise ValueError(f"`max_attempts` must be an integer >= 1, got {max_attempts}")
     if shots is not None and shots < 1:
         raise ValueError(f"`shots` must be >= 1, got {shots}")
     if overwrite and num_processes > 1 and barrier is None:
@@ -501,9 +522,12 @@ def build_synthetic(
                          "cache as images; choose an output directory outside it")
 
     pipe, model_name = _resolve_pipeline(pipeline, device)
-    settings = pipe._settings(cfg, temperature, num_iter, rdm_steps, None)  # validated, defaults resolved
+    resolved = pipe.resolve_settings(cfg=cfg, temperature=temperature, num_iter=num_iter, rdm_steps=rdm_steps,
+                                     repaint_fraction=repaint_fraction)  # validated, defaults resolved
+    settings = _identity_settings(resolved)
     size, channels = pipe.image_size, pipe.in_channels
     sel = _select_sources(source, shots, seed, size, channels)
+    prototypes = _prototypes(pipe, sel, batch_size) if label_filter else None
     n_records = len(sel.indices) * V
     n_shards = -(-n_records // records_per_shard)
     plan = {
@@ -516,7 +540,11 @@ def build_synthetic(
         },
         "generation": {"variants_per_image": K, "noise_levels": levels, **settings,
                        "requested": {"cfg": cfg, "temperature": temperature, "num_iter": num_iter,
-                                     "rdm_steps": rdm_steps}},
+                                     "rdm_steps": rdm_steps,
+                                     **({"repaint_fraction": repaint_fraction}
+                                        if repaint_fraction not in (None, FULL_REPAINT) else {})},
+                       **({"label_filter": {"prototypes": "mean representation of each class's sources",
+                                            "max_attempts": int(max_attempts)}} if label_filter else {})},
         "seed": int(seed),
         "layout": {"batch_size": int(batch_size), "records_per_shard": int(records_per_shard),
                    "num_records": n_records, "num_shards": n_shards,
@@ -574,15 +602,17 @@ def build_synthetic(
             for s in todo:
                 t0 = time.perf_counter()
                 lo, hi = s * records_per_shard, min((s + 1) * records_per_shard, n_records)
-                rows, dropped = _generate_shard(pipe, sel, lo, hi, K=K, V=V, levels=levels, seed=seed,
-                                                batch_size=batch_size, settings=settings,
-                                                quality_threshold=quality_threshold, bar=bar)
+                rows, dropped, draws = _generate_shard(
+                    pipe, sel, lo, hi, K=K, V=V, levels=levels, seed=seed, batch_size=batch_size,
+                    settings=resolved, quality_threshold=quality_threshold, prototypes=prototypes,
+                    max_attempts=int(max_attempts), bar=bar)
                 data = _encode_table(rows, features)
                 arrow_path, meta_path = _shard_paths(out_dir, s)
                 _atomic_write(arrow_path, data)
                 meta = {"shard": s, "file": f"{SHARD_DIR}/{arrow_path.name}", "record_range": [lo, hi],
                         "records": len(rows["label"]), "dropped": dropped, "bytes": len(data),
-                        "sha256": hashlib.sha256(data).hexdigest(), "spec_sha256": spec_hash}
+                        "sha256": hashlib.sha256(data).hexdigest(), "spec_sha256": spec_hash,
+                        **({"label_filter": draws} if draws is not None else {})}
                 _atomic_write(meta_path, _json_bytes(meta))
                 own_meta[s] = meta
                 written += meta["records"]
@@ -620,6 +650,7 @@ def build_synthetic(
         shards=[out_dir / metas[s]["file"] for s in sorted(metas)], shards_resumed=resumed, seconds=seconds,
         variants_per_second=generated / gen_seconds if gen_seconds > 0 else 0.0, manifest_path=manifest_path,
         classes=list(sel.source.classes),
+        label_filter=_sum_draws(metas.values(), sel.source.classes) if label_filter else None,
     )
 
 
@@ -632,13 +663,15 @@ def _finalise(out_dir: Path, plan: dict, n_shards: int, spec_hash: str, known: d
             return None
         metas[s] = meta
     manifest = dict(plan)
+    if "label_filter" in plan["generation"]:
+        manifest["label_filter_draws"] = _sum_draws(metas.values(), plan["source"]["classes"])
     manifest.update({
         "complete": True,
         "records": sum(m["records"] for m in metas.values()),
         "dropped": sum(m["dropped"] for m in metas.values()),
         "skipped_sources": [list(x) for x in plan["provenance"]["skipped"]],
         "shards": [{k: metas[s][k] for k in ("shard", "file", "record_range", "records", "dropped", "bytes",
-                                              "sha256")} for s in range(n_shards)],
+                                              "sha256", "label_filter") if k in metas[s]} for s in range(n_shards)],
     })
     _atomic_write(out_dir / MANIFEST_NAME, _json_bytes(manifest))
     return metas
@@ -646,9 +679,13 @@ def _finalise(out_dir: Path, plan: dict, n_shards: int, spec_hash: str, known: d
 
 @torch.inference_mode()
 def _generate_shard(pipe, sel: _Selection, lo: int, hi: int, *, K: int, V: int, levels: list[float], seed: int,
-                    batch_size: int, settings: dict, quality_threshold, bar) -> tuple[dict, int]:
+                    batch_size: int, settings: GenerationSettings, quality_threshold, prototypes, max_attempts: int,
+                    bar) -> tuple[dict, int, dict | None]:
+    """Rows of records [lo, hi), the number dropped, and (label filter) draws/acceptances per class."""
     rows = {"image": [], "label": [], "source_index": [], "variant_index": [], "noise_level": [], "seed": []}
     dropped = 0
+    n_classes = len(sel.source.classes)
+    draws = ({"generated": [0] * n_classes, "accepted": [0] * n_classes} if prototypes is not None else None)
     size, channels = pipe.image_size, pipe.in_channels
     for b_lo in range(lo, hi, batch_size):
         r = np.arange(b_lo, min(b_lo + batch_size, hi))
@@ -662,18 +699,28 @@ def _generate_shard(pipe, sel: _Selection, lo: int, hi: int, *, K: int, V: int, 
         images = inputs[torch.from_numpy(inverse.reshape(-1))].to(pipe.device)
         noise = torch.tensor([levels[v // K] for v in variant], dtype=torch.float32, device=pipe.device)
         generator = torch.Generator().manual_seed(batch_seed(seed, np.stack([src_index, variant], 1)))
-        out = pipe.reconstruct(images, noise, generator=generator, cfg=settings["cfg"],
-                               temperature=settings["temperature"], num_iter=settings["num_iter"],
-                               rdm_steps=settings["rdm_steps"], eta=settings["eta"])
-        pixels = (out.float().clamp(0, 1) * 255).round().to(torch.uint8)
         keep = np.ones(len(r), dtype=bool)
+        if prototypes is None:
+            out = pipe.reconstruct(images, noise, generator=generator, **settings.to_dict())
+        else:
+            labels = torch.as_tensor([sel.source.labels[p] for p in pos], dtype=torch.long)
+            out, accepted, attempts = reconstruct_with_labels(
+                pipe, images, labels, noise, label_filter=prototypes, max_attempts=max_attempts,
+                generator=generator, quantize=True, **settings.to_dict())
+            keep = accepted.numpy()
+            dropped += int((~keep).sum())
+            for lab, n_draws, ok in zip(labels.tolist(), attempts.tolist(), keep.tolist()):
+                draws["generated"][lab] += n_draws
+                draws["accepted"][lab] += int(ok)
+        pixels = (out.float().clamp(0, 1) * 255).round().to(torch.uint8)
         if quality_threshold is not None:
             # Re-encode what is stored (the 8-bit image), so the filter judges the cache's bytes.
             rep_src = pipe.encode(images)
             rep_var = pipe.encode(pixels.float() / 255.0)
             cos = torch.nn.functional.cosine_similarity(rep_src, rep_var, dim=-1).cpu().numpy()
-            keep = cos >= float(quality_threshold)
-            dropped += int((~keep).sum())
+            similar = cos >= float(quality_threshold)
+            dropped += int((keep & ~similar).sum())
+            keep &= similar
         pixels = pixels.permute(0, 2, 3, 1).cpu().numpy()
         for j in np.flatnonzero(keep):
             rows["image"].append({"bytes": _to_png(pixels[j]), "path": None})
@@ -683,7 +730,47 @@ def _generate_shard(pipe, sel: _Selection, lo: int, hi: int, *, K: int, V: int, 
             rows["noise_level"].append(levels[variant[j] // K])
             rows["seed"].append(int(seed))
         bar.update(len(r))
-    return rows, dropped
+    return rows, dropped, draws
+
+
+def _identity_settings(settings: GenerationSettings) -> dict:
+    """Resolved settings as a cache records them. ``repaint_fraction`` at its official 1.0 is
+    left out, so caches built before the knob existed keep their identity."""
+    out = settings.to_dict()
+    if out["repaint_fraction"] == FULL_REPAINT:
+        del out["repaint_fraction"]
+    return out
+
+
+def _prototypes(pipe, sel: _Selection, batch_size: int) -> PrototypeFilter:
+    """Class prototypes from the build's own (selected) source images."""
+    if len(sel.source.classes) < 2 or len(set(sel.source.labels)) < 2:
+        raise ValueError(f"`label_filter` needs labelled source images of at least 2 classes; {sel.source.name} "
+                         f"has classes {list(sel.source.classes)}")
+    size, channels = pipe.image_size, pipe.in_channels
+    reps = []
+    for b in range(0, len(sel.indices), batch_size):
+        if sel.tensors is not None:
+            x = torch.stack(sel.tensors[b:b + batch_size])
+        else:
+            x = torch.stack([pil_to_tensor(sel.source.load(p), size, channels)
+                             for p in range(b, min(b + batch_size, len(sel.indices)))])
+        reps.append(pipe.encode(x.to(pipe.device)))
+    return PrototypeFilter.from_representations(torch.cat(reps), torch.as_tensor(list(sel.source.labels)),
+                                                num_classes=len(sel.source.classes))
+
+
+def _sum_draws(metas, classes) -> dict[str, dict[str, int]]:
+    """Per class name: draws generated and variants accepted by the label filter, over shards."""
+    total = {c: {"generated": 0, "accepted": 0} for c in classes}
+    for m in metas:
+        d = m.get("label_filter")
+        if d is None:
+            continue
+        for k, c in enumerate(classes):
+            total[c]["generated"] += d["generated"][k]
+            total[c]["accepted"] += d["accepted"][k]
+    return total
 
 
 __all__ = ["BuildLockedError", "BuildSummary", "CACHE_FORMAT", "MANIFEST_NAME", "StaleCacheError", "batch_seed",

@@ -34,6 +34,19 @@ def gumbel_noise(shape, *, generator, device) -> torch.Tensor:
     return -torch.log(-torch.log(u))
 
 
+def keep_source_tokens(
+    tokens: torch.Tensor, repaint_fraction: float, mask_token_id: int, *, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """Mask round(L * repaint_fraction) positions of each row of ``tokens`` (B, L), chosen uniformly
+    at random per row; the rest keep the source's codes. The start grid of source-anchored decoding."""
+    if not 0.0 < repaint_fraction <= 1.0:
+        raise ValueError(f"`repaint_fraction` must be in (0, 1], got {repaint_fraction}")
+    bsz, length = tokens.shape
+    num_masked = max(1, round(length * repaint_fraction))
+    ranks = torch.rand(bsz, length, generator=generator, device=tokens.device).argsort(-1).argsort(-1)
+    return tokens.masked_fill(ranks < num_masked, mask_token_id)
+
+
 def maskgit_decode(
     model,
     rep: torch.Tensor,
@@ -42,6 +55,7 @@ def maskgit_decode(
     temperature: float = 6.0,
     cfg: float = 0.0,
     generator: torch.Generator | None = None,
+    start_tokens: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Generate a (B, L) grid of code indices conditioned on representations ``rep`` (B, rep_dim).
 
@@ -54,6 +68,9 @@ def maskgit_decode(
             Tokens themselves are sampled at temperature 1.
         cfg: guidance scale, >= 0; 0 skips the unconditional branch.
         generator: for reproducible sampling; must live on ``rep``'s device.
+        start_tokens: (B, L) grid to start from, ``mask_token_id`` where MAGE paints (see
+            :func:`keep_source_tokens`); None starts fully masked. The cosine schedule runs over
+            each row's masked count, so a fully masked start decodes exactly as None does.
     """
     if num_iter < 1:
         raise ValueError(f"`num_iter` must be >= 1, got {num_iter}")
@@ -64,7 +81,14 @@ def maskgit_decode(
     c = model.config
     bsz, length, device = rep.shape[0], c.num_tokens, rep.device
     guided = cfg > 0
-    tokens = torch.full((bsz, length), c.mask_token_id, dtype=torch.long, device=device)
+    if start_tokens is None:
+        tokens = torch.full((bsz, length), c.mask_token_id, dtype=torch.long, device=device)
+        to_paint = None  # every row paints all `length` tokens
+    else:
+        if tuple(start_tokens.shape) != (bsz, length):
+            raise ValueError(f"`start_tokens` must have shape {(bsz, length)}, got {tuple(start_tokens.shape)}")
+        tokens = start_tokens.to(device=device, dtype=torch.long)
+        to_paint = (tokens == c.mask_token_id).sum(dim=-1, keepdim=True).double()
     if guided:
         rep_in = torch.cat([rep, model.fake_latent.to(rep.dtype).expand(bsz, -1)])
     else:
@@ -82,10 +106,11 @@ def maskgit_decode(
             return sampled
         ratio = (step + 1) / num_iter
         num_unknown = unknown.sum(dim=-1, keepdim=True)
-        mask_len = torch.clamp(
-            torch.minimum(num_unknown - 1, torch.full_like(num_unknown, math.floor(length * mask_ratio(step, num_iter)))),
-            min=1,
-        )
+        if to_paint is None:
+            scheduled = torch.full_like(num_unknown, math.floor(length * mask_ratio(step, num_iter)))
+        else:  # float64 as Python's floats, so a full start gives the same integers as above
+            scheduled = (to_paint * mask_ratio(step, num_iter)).floor().long()
+        mask_len = torch.clamp(torch.minimum(num_unknown - 1, scheduled), min=1)
         confidence = F.log_softmax(logits, dim=-1).gather(-1, sampled[..., None]).squeeze(-1)
         anneal = temperature * (1.0 - ratio)
         if anneal > 0:
@@ -97,4 +122,4 @@ def maskgit_decode(
     return tokens  # unreachable: the loop returns at its last step
 
 
-__all__ = ["apply_guidance", "guidance_scale", "mask_ratio", "maskgit_decode"]
+__all__ = ["apply_guidance", "guidance_scale", "keep_source_tokens", "mask_ratio", "maskgit_decode"]

@@ -429,3 +429,59 @@ def test_incomplete_dir_is_refused_by_dataset(tmp_path):
     (tmp_path / "x" / "manifest.json").write_text(json.dumps({"format": "other"}))
     with pytest.raises(ValueError, match="not a complete"):
         SyntheticDataset(tmp_path / "x")
+
+
+# ------------------------------------------------------------------------------------ label filter, repaint
+def test_label_filter_fills_each_source_and_reports_acceptance(make_folder, tmp_path, tiny_pipeline):
+    folder = make_folder(tmp_path / "imgs", per_class=3, classes=("a", "b", "c"))
+    out = tmp_path / "cache"
+    s = build(folder, out, tiny_pipeline, label_filter=True, max_attempts=3, records_per_shard=4)
+    assert s.complete and s.label_filter is not None
+    draws = s.label_filter
+    assert set(draws) == {"a", "b", "c"}
+    assert sum(v["accepted"] for v in draws.values()) == s.records == 18 - s.dropped
+    assert all(v["accepted"] <= v["generated"] <= 3 * 6 for v in draws.values())
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["generation"]["label_filter"]["max_attempts"] == 3
+    assert manifest["label_filter_draws"] == draws
+    rates = s.acceptance_by_class()
+    assert all(0 <= r <= 1 for r in rates.values())
+    # the same seed gives the same records; an interrupted build resumes to the same bytes
+    ref = tmp_path / "ref"
+    build(folder, ref, tiny_pipeline, label_filter=True, max_attempts=3, records_per_shard=4)
+    assert record_hashes(ref) == record_hashes(out)
+    (out / "manifest.json").unlink()
+    for p in list((out / "shards").glob("shard-0000[13].*")):
+        p.unlink()
+    again = build(folder, out, tiny_pipeline, label_filter=True, max_attempts=3, records_per_shard=4)
+    assert again.shards_resumed == len(again.shards) - 2
+    assert record_hashes(out) == record_hashes(ref)
+    assert json.loads((out / "manifest.json").read_text())["label_filter_draws"] == draws
+    # filter settings are part of the cache identity
+    with pytest.raises(StaleCacheError, match="generation"):
+        build(folder, out, tiny_pipeline, label_filter=True, max_attempts=2, records_per_shard=4)
+    with pytest.raises(StaleCacheError, match="generation"):
+        build(folder, out, tiny_pipeline, records_per_shard=4)
+
+
+def test_label_filter_needs_two_classes(make_folder, tmp_path, tiny_pipeline):
+    folder = make_folder(tmp_path / "imgs", per_class=2, classes=("only",))
+    with pytest.raises(ValueError, match="at least 2 classes"):
+        build(folder, tmp_path / "cache", tiny_pipeline, label_filter=True)
+
+
+def test_repaint_fraction_is_part_of_the_identity(image_folder, tmp_path, tiny_pipeline):
+    full, default = tmp_path / "full", tmp_path / "default"
+    build(image_folder, default, tiny_pipeline)
+    build(image_folder, full, tiny_pipeline, repaint_fraction=1.0)
+    # 1.0 is the default: same identity, same records, and no repaint key (older caches stay valid)
+    assert record_hashes(full) == record_hashes(default)
+    assert "repaint_fraction" not in json.loads((full / "manifest.json").read_text())["generation"]
+    build(image_folder, full, tiny_pipeline)  # resumes: nothing differs
+    anchored = tmp_path / "anchored"
+    build(image_folder, anchored, tiny_pipeline, repaint_fraction=0.6)
+    gen = json.loads((anchored / "manifest.json").read_text())["generation"]
+    assert gen["repaint_fraction"] == 0.6 and gen["requested"]["repaint_fraction"] == 0.6
+    assert set(record_hashes(anchored)).isdisjoint(record_hashes(default))
+    with pytest.raises(StaleCacheError, match="repaint_fraction"):
+        build(image_folder, anchored, tiny_pipeline, repaint_fraction=0.7)

@@ -9,6 +9,7 @@ import torch
 
 from rcg_augment.models import MAGE, MAGE_PRESETS
 from rcg_augment.sampling import apply_guidance, guidance_scale, mask_ratio, maskgit_decode
+from rcg_augment.sampling.maskgit import keep_source_tokens
 
 
 def test_mask_schedule_is_cosine():
@@ -94,3 +95,45 @@ def test_argument_errors(mage):
         maskgit_decode(mage, torch.randn(1, 256), num_iter=0)
     with pytest.raises(ValueError, match="cfg"):
         maskgit_decode(mage, torch.randn(1, 256), cfg=-1.0)
+
+
+# ------------------------------------------------------------------ source-anchored decoding
+def test_keep_source_tokens_masks_exactly_the_fraction():
+    tokens = torch.arange(64).repeat(5, 1)
+    for fraction, expected in ((1.0, 64), (0.5, 32), (0.7, 45)):
+        start = keep_source_tokens(tokens, fraction, 999, generator=torch.Generator().manual_seed(0))
+        masked = start == 999
+        assert masked.sum(1).tolist() == [expected] * 5
+        assert torch.equal(start[~masked], tokens[~masked])
+    rows = keep_source_tokens(tokens, 0.5, 999, generator=torch.Generator().manual_seed(0)) == 999
+    assert len({tuple(r.tolist()) for r in rows}) == 5  # positions drawn per row
+    with pytest.raises(ValueError, match="repaint_fraction"):
+        keep_source_tokens(tokens, 0.0, 999)
+
+
+def test_fully_masked_start_decodes_exactly_as_no_start(mage):
+    rep = torch.randn(3, 256)
+    full = torch.full((3, 64), mage.config.mask_token_id)
+    for cfg in (0.0, 1.5):
+        with torch.no_grad():
+            a = maskgit_decode(mage, rep, num_iter=5, cfg=cfg, generator=torch.Generator().manual_seed(2))
+            b = maskgit_decode(mage, rep, num_iter=5, cfg=cfg, generator=torch.Generator().manual_seed(2),
+                               start_tokens=full)
+        assert torch.equal(a, b)
+
+
+def test_partial_start_keeps_source_and_paints_the_rest_on_schedule(mage):
+    rec = Recorder(mage)
+    source = torch.randint(0, 256, (2, 64), generator=torch.Generator().manual_seed(0))
+    start = keep_source_tokens(source, 0.5, mage.config.mask_token_id, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        out = maskgit_decode(rec, torch.randn(2, 256), num_iter=4, generator=torch.Generator().manual_seed(3),
+                             start_tokens=start)
+    kept = start != mage.config.mask_token_id
+    assert torch.equal(out[kept], source[kept])
+    assert out.max() < 256
+    # the cosine schedule runs over the 32 painted tokens, not the 64 of the grid
+    expected = [32] + [max(1, min(rec.calls[i][1] - 1, math.floor(32 * mask_ratio(i, 4)))) for i in range(3)]
+    assert [m for _, m in rec.calls] == expected
+    with pytest.raises(ValueError, match="start_tokens"):
+        maskgit_decode(mage, torch.randn(2, 256), num_iter=2, start_tokens=start[:, :10])

@@ -1,0 +1,134 @@
+"""Generation settings: one validated object for every knob of a ``reconstruct`` / ``generate`` call.
+
+Every front-end (the pipeline, both ``RCGAugment`` transforms, ``RepresentationAugment``, the cache
+builder, the CLI, the benchmarks) takes these settings by the same names and validates them here,
+once. ``None`` means "the model's default": :meth:`GenerationSettings.resolve` fills it from the
+model's config (``config.defaults`` first, then the MAGE / RDM configs) and checks the bounds that
+depend on the model.
+
+Example::
+
+    from rcg_augment import GenerationSettings, RCGPipeline
+
+    pipe = RCGPipeline.from_pretrained("digits-tiny")
+    s = GenerationSettings(num_iter=8, repaint_fraction=0.7)
+    print(s.resolve(pipe.config))          # every field filled in
+    out = pipe.reconstruct(images, 0.3, **s.overrides())
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import numbers
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+# The value a cache or a call records when the source is fully repainted (the official decoding).
+FULL_REPAINT = 1.0
+# Draws per variant when the label filter re-draws rejected variants (rcg_augment.label_filter).
+DEFAULT_MAX_ATTEMPTS = 4
+
+
+def _float(value: Any, name: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (numbers.Real, np.floating, np.integer)):
+        raise TypeError(f"`{name}` must be a number or None, got {type(value).__name__} {value!r}")
+    out = float(value)
+    if not math.isfinite(out):
+        raise ValueError(f"`{name}` must be finite, got {value}")
+    return out
+
+
+def _int(value: Any, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, (numbers.Integral, np.integer)):
+        raise TypeError(f"`{name}` must be an int >= 1 or None, got {type(value).__name__} {value!r}")
+    return int(value)
+
+
+@dataclass(frozen=True)
+class GenerationSettings:
+    """How variants are generated; every field may be None (= the model's default).
+
+    Args:
+        cfg: MAGE classifier-free guidance scale, >= 0; 0 skips the unconditional branch.
+        temperature: MAGE's re-masking ("choice") temperature, >= 0.
+        num_iter: MAGE decoding steps, >= 1.
+        rdm_steps: DDIM steps of the representation diffusion model, in [1, num_timesteps].
+        eta: DDIM eta, >= 0 (0: deterministic, 1: DDPM-like).
+        repaint_fraction: share of the source's token map that MAGE paints anew, in
+            [mask_ratio_min, 1] (0.5 for every bundled and official model: MAGE never saw less
+            than half of a grid masked in training). 1 repaints everything (the official
+            decoding); 0.5 keeps a random half of the source's VQ tokens and paints the rest
+            from the representation, so the variant stays closer to the source. It acts on
+            ``reconstruct`` only (``generate`` has no source).
+    """
+
+    cfg: float | None = None
+    temperature: float | None = None
+    num_iter: int | None = None
+    rdm_steps: int | None = None
+    eta: float | None = None
+    repaint_fraction: float | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("cfg", "temperature", "eta"):
+            value = getattr(self, name)
+            if value is not None:
+                v = _float(value, name)
+                if v < 0:
+                    raise ValueError(f"`{name}` must be >= 0, got {value}")
+                object.__setattr__(self, name, v)
+        for name in ("num_iter", "rdm_steps"):
+            value = getattr(self, name)
+            if value is not None:
+                v = _int(value, name)
+                if v < 1:
+                    raise ValueError(f"`{name}` must be >= 1, got {value}")
+                object.__setattr__(self, name, v)
+        if self.repaint_fraction is not None:
+            v = _float(self.repaint_fraction, "repaint_fraction")
+            if not 0.0 < v <= 1.0:
+                raise ValueError(f"`repaint_fraction` must be in (0, 1] (at least the model's mask_ratio_min, "
+                                 f"0.5 for the bundled models), got {self.repaint_fraction}")
+            object.__setattr__(self, "repaint_fraction", v)
+
+    @classmethod
+    def names(cls) -> tuple[str, ...]:
+        return tuple(f.name for f in dataclasses.fields(cls))
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def overrides(self) -> dict[str, Any]:
+        """The fields that are set (not None), as keyword arguments for the pipeline's methods."""
+        return {k: v for k, v in self.to_dict().items() if v is not None}
+
+    def replace(self, **changes) -> GenerationSettings:
+        return dataclasses.replace(self, **changes)
+
+    def resolve(self, config) -> GenerationSettings:
+        """Every field filled from a :class:`~rcg_augment.pipeline.PipelineConfig` and checked
+        against it (``rdm_steps`` <= the schedule length, ``repaint_fraction`` >= MAGE's
+        ``mask_ratio_min``)."""
+        d = config.defaults
+        model_defaults = {
+            "cfg": 0.0, "temperature": config.mage.temperature, "num_iter": config.mage.num_iter,
+            "rdm_steps": config.rdm.sampling_steps, "eta": config.rdm.eta, "repaint_fraction": FULL_REPAINT,
+        }
+        values = {}
+        for name, fallback in model_defaults.items():
+            mine, default = getattr(self, name), getattr(d, name, None)
+            values[name] = mine if mine is not None else default if default is not None else fallback
+        out = GenerationSettings(**values)
+        if out.rdm_steps > config.rdm.num_timesteps:
+            raise ValueError(f"`rdm_steps` must be in [1, {config.rdm.num_timesteps}], got {out.rdm_steps}")
+        low = config.mage.mask_ratio_min
+        if out.repaint_fraction < low:
+            raise ValueError(f"`repaint_fraction` must be in [{low}, 1] for this model (MAGE trained with at least "
+                             f"{low:.0%} of the tokens masked), got {out.repaint_fraction}")
+        return out
+
+
+__all__ = ["DEFAULT_MAX_ATTEMPTS", "FULL_REPAINT", "GenerationSettings"]

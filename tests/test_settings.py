@@ -1,0 +1,119 @@
+"""GenerationSettings: validation, resolution against a model, and the repaint_fraction knob end to end."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from rcg_augment import GenerationSettings, RCGAugment, RCGPipeline
+from rcg_augment.pipeline import SamplingDefaults
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    torch.manual_seed(0)
+    return RCGPipeline.from_preset("tiny", in_channels=1)
+
+
+@pytest.mark.parametrize("kwargs, error, match", [
+    ({"cfg": -1}, ValueError, "`cfg` must be >= 0"),
+    ({"temperature": float("nan")}, ValueError, "`temperature` must be finite"),
+    ({"num_iter": 0}, ValueError, "`num_iter` must be >= 1"),
+    ({"num_iter": 2.5}, TypeError, "`num_iter` must be an int"),
+    ({"rdm_steps": True}, TypeError, "`rdm_steps` must be an int"),
+    ({"eta": "1"}, TypeError, "`eta` must be a number"),
+    ({"repaint_fraction": 0.0}, ValueError, r"`repaint_fraction` must be in \(0, 1\]"),
+    ({"repaint_fraction": 1.5}, ValueError, "repaint_fraction"),
+])
+def test_invalid_values_name_the_setting(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        GenerationSettings(**kwargs)
+
+
+def test_resolve_fills_from_the_model(pipe):
+    s = GenerationSettings().resolve(pipe.config)
+    m, r = pipe.config.mage, pipe.config.rdm
+    assert s == GenerationSettings(cfg=0.0, temperature=m.temperature, num_iter=m.num_iter,
+                                   rdm_steps=r.sampling_steps, eta=r.eta, repaint_fraction=1.0)
+    assert GenerationSettings(num_iter=3).resolve(pipe.config).num_iter == 3
+    with pytest.raises(ValueError, match=r"`rdm_steps` must be in \[1, 1000\]"):
+        GenerationSettings(rdm_steps=1001).resolve(pipe.config)
+    with pytest.raises(ValueError, match=r"`repaint_fraction` must be in \[0.5, 1\] for this model"):
+        GenerationSettings(repaint_fraction=0.4).resolve(pipe.config)
+
+
+def test_model_defaults_come_before_the_network_configs():
+    torch.manual_seed(0)
+    p = RCGPipeline.from_preset("tiny", in_channels=1, defaults=SamplingDefaults(num_iter=3, repaint_fraction=0.6))
+    s = p.resolve_settings()
+    assert (s.num_iter, s.repaint_fraction) == (3, 0.6)
+    assert p.resolve_settings(repaint_fraction=0.9).repaint_fraction == 0.9
+    with pytest.raises(TypeError, match="unknown generation settings"):
+        p.resolve_settings(steps=3)
+
+
+FAST = {"num_iter": 2, "rdm_steps": 2}
+
+
+def test_repaint_fraction_one_is_the_full_generation(pipe):
+    x = torch.rand(3, 1, 20, 20, generator=torch.Generator().manual_seed(0))
+    a = pipe.reconstruct(x, 0.3, generator=torch.Generator().manual_seed(1), **FAST)
+    b = pipe.reconstruct(x, 0.3, generator=torch.Generator().manual_seed(1), repaint_fraction=1.0, **FAST)
+    assert torch.equal(a, b)
+
+
+def test_anchored_reconstruct_is_seeded_and_keeps_source_tokens(pipe):
+    x = torch.rand(3, 1, 32, 32, generator=torch.Generator().manual_seed(0))
+    run = lambda seed, f: pipe.reconstruct(x, 0.3, generator=torch.Generator().manual_seed(seed),  # noqa: E731
+                                           repaint_fraction=f, **FAST)
+    assert torch.equal(run(1, 0.5), run(1, 0.5))
+    assert not torch.equal(run(1, 0.5), run(2, 0.5))
+    assert not torch.equal(run(1, 0.5), run(1, 1.0))
+    # MAGE starts from the source's own codes with exactly half of them masked
+    import rcg_augment.pipeline as pipeline_module
+
+    seen = []
+    real_decode = pipeline_module.maskgit_decode
+
+    def spy(*args, start_tokens=None, **kw):
+        seen.append(start_tokens)
+        return real_decode(*args, start_tokens=start_tokens, **kw)
+
+    pipeline_module.maskgit_decode = spy
+    try:
+        run(1, 0.5)
+        run(1, 1.0)
+    finally:
+        pipeline_module.maskgit_decode = real_decode
+    with torch.inference_mode():
+        src_codes = pipe.tokenizer.encode(x).flatten(1)
+    masked = seen[0] == pipe.config.mage.mask_token_id
+    assert masked.sum(1).tolist() == [32, 32, 32]
+    assert torch.equal(seen[0][~masked], src_codes[~masked])
+    assert seen[1] is None
+    with pytest.raises(ValueError, match="repaint_fraction"):
+        pipe.reconstruct(x, 0.3, repaint_fraction=0.3)
+
+
+def test_transforms_pass_the_knob(pipe):
+    aug = RCGAugment(0.3, model=pipe, seed=0, repaint_fraction=0.5, **FAST)
+    assert "repaint_fraction=0.5" in repr(aug)
+    x = torch.rand(2, 1, 16, 16, generator=torch.Generator().manual_seed(0))
+    calls = []
+    real = pipe.reconstruct
+
+    def spy(images, noise_level, **kw):
+        calls.append(kw)
+        return real(images, noise_level, **kw)
+
+    pipe.reconstruct = spy
+    try:
+        aug(x)
+    finally:
+        del pipe.reconstruct
+    assert calls and calls[0]["repaint_fraction"] == 0.5
+    with pytest.raises(ValueError, match="repaint_fraction"):
+        RCGAugment(0.3, model=pipe, repaint_fraction=2.0)
+    from rcg_augment.albumentations import RCGAugment as ARCGAugment
+
+    assert ARCGAugment(0.3, model=pipe, repaint_fraction=0.6).repaint_fraction == 0.6
