@@ -198,3 +198,27 @@ def test_finetuned_model_does_not_inherit_the_init_identity(tmp_path):
     assert "name" not in meta and "excluded_test_indices_sha256" not in meta
     assert meta["init_model"] == {"name": "digits-tiny", "source": "somewhere", "excluded_test_indices_sha256": "abc"}
     assert meta["license"] == "MIT"  # weights derived from licensed weights keep the license
+
+
+def test_reinit_retrains_one_stage_on_top_of_the_others(image_folder, micro_dir, tmp_path, capsys):
+    from rcg_augment.training.api import reinitialise
+
+    start = RCGPipeline.from_pretrained(micro_dir)
+    fresh = reinitialise(start, ["mage"], {"mage": {"rep_injection": "token+add"}, "encoder": {"depth": 2}})
+    assert fresh.config.mage.rep_injection == "token+add" and fresh.config.encoder.depth == 1  # only mage's section
+    for part in ("encoder", "tokenizer", "rdm"):
+        assert all(torch.equal(a, b) for a, b in zip(getattr(fresh, part).state_dict().values(),
+                                                     getattr(start, part).state_dict().values()))
+    assert not torch.equal(fresh.mage.token_emb.word_embeddings.weight, start.mage.token_emb.word_embeddings.weight)
+    again = reinitialise(start, ["mage"], {"mage": {"rep_injection": "token+add"}})
+    assert all(torch.equal(a, b) for a, b in zip(fresh.state_dict().values(), again.state_dict().values()))
+
+    out = tmp_path / "out"
+    assert main(["train", "mage", "--data", str(image_folder), "--out", str(out), "--init", str(micro_dir),
+                 "--reinit", *QUICK]) == 0
+    trained = RCGPipeline.from_pretrained(out)
+    assert "mage re-initialised" in trained.config.metadata["training"][-1]["init"]
+    assert all(torch.equal(a, b) for a, b in zip(trained.encoder.state_dict().values(),
+                                                 start.encoder.state_dict().values()))
+    assert main(["train", "mage", "--data", str(image_folder), "--out", str(tmp_path / "x"), "--reinit", *QUICK]) != 0
+    assert "--reinit needs --init" in capsys.readouterr().err

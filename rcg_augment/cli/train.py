@@ -165,7 +165,8 @@ def run_stages(args: argparse.Namespace, stages: list[str], *, init) -> dict:
         if classes:
             raise ValueError("--classes cannot be combined with --recipe (the recipe names its data); drop one")
         return api.run_recipe(args.recipe, args.out, data=args.data, init=init, stages=stages,
-                              steps_scale=args.steps_scale, per_stage=per_stage, max_time=args.max_time, **common)
+                              steps_scale=args.steps_scale, per_stage=per_stage, max_time=args.max_time,
+                              reinit=stages if getattr(args, "reinit", False) else (), **common)
     if args.data is None:
         raise ValueError("--data is required without --recipe (an image folder, a saved HF dataset, 'digits' "
                          "or 'lfw-faces')")
@@ -173,7 +174,8 @@ def run_stages(args: argparse.Namespace, stages: list[str], *, init) -> dict:
         raise ValueError("--steps-scale scales a recipe's step counts; use --steps without --recipe")
     extra = {"preset": args.preset, "in_channels": args.in_channels} if hasattr(args, "preset") else {}
     return api.train_all(args.data, args.out, stages=stages, init=init, classes=classes, per_stage=per_stage,
-                         max_time=args.max_time, **extra, **common)
+                         max_time=args.max_time, reinit=stages if getattr(args, "reinit", False) else (),
+                         **extra, **common)
 
 
 def handle(args: argparse.Namespace) -> int:
@@ -184,6 +186,8 @@ def handle(args: argparse.Namespace) -> int:
         stages = list(get_recipe(args.recipe).stages) if args.recipe else ["encoder", "tokenizer", "rdm", "mage"]
     else:
         stages = [args.stage]
+    if args.reinit and args.init is None:
+        raise ValueError("--reinit needs --init (the pipeline whose other networks are kept)")
     results = run_stages(args, stages, init=args.init)
     print_summary(results, args.out)
     return 0 if all(r.completed for r in results.values()) else 3
@@ -200,6 +204,10 @@ def register(subparsers) -> None:
     parser.add_argument("stage", choices=STAGE_CHOICES, help="what to train: one stage, or all four in order")
     parser.add_argument("--init", metavar="DIR|NAME",
                         help="start from this pipeline folder or named model (default: OUT's pipeline, else --preset)")
+    parser.add_argument("--reinit", action="store_true",
+                        help="with --init: start the trained stages' networks afresh (the recipe's architecture "
+                        "overrides applied) and keep --init's other networks, e.g. retrain MAGE on a trained "
+                        "encoder and tokenizer")
     parser.add_argument("--preset", default="tiny", choices=("tiny", "rcg-b", "rcg-l"),
                         help="architecture for a new pipeline (default tiny: 32 px, CPU-trainable)")
     parser.add_argument("--in-channels", type=int, choices=(1, 3),

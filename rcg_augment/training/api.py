@@ -126,6 +126,30 @@ def new_pipeline(preset: str = "tiny", *, in_channels: int = 3, overrides: Mappi
         return RCGPipeline(config)
 
 
+def reinitialise(pipe: RCGPipeline, stages: Sequence[str], overrides: Mapping | None = None, *,
+                 seed: int = 0) -> RCGPipeline:
+    """``pipe`` with the networks of ``stages`` freshly initialised (seeded), their config sections
+    (and ``defaults``) updated by ``overrides``; the other networks keep their weights.
+
+    Use it to retrain one stage with another architecture on top of trained ones, e.g. a MAGE
+    with ``{"mage": {"rep_injection": "token+add"}}`` over a trained encoder and tokenizer.
+    """
+    for name in stages:
+        _check_stage(name)
+    data = pipe.config.to_dict()
+    for section, values in (overrides or {}).items():
+        if section in stages or section == "defaults":
+            data[section] = {**data[section], **dict(values)}
+    config = PipelineConfig.from_dict(data, source=f"re-initialised {list(stages)}")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(derive_seed(seed, "pipeline-init"))
+        fresh = RCGPipeline(config)
+    for name in STAGES:
+        if name not in stages:
+            getattr(fresh, name).load_state_dict(getattr(pipe, name).state_dict())
+    return fresh.to(pipe.device)
+
+
 # Metadata that names and describes one trained model: a model trained from it is another model,
 # so these move under "init_model" (the license stays: weights derived from licensed weights).
 IDENTITY_KEYS = ("name", "source", "trained_on", "excluded_test_indices_sha256", "defaults_chosen_by")
@@ -198,13 +222,15 @@ def train_all(
     data, out_dir: str | os.PathLike, *, stages: Sequence[str] = STAGES, init=None, preset: str = "tiny",
     in_channels: int | None = None, classes: Sequence[str] | None = None, pipeline_overrides: Mapping | None = None,
     per_stage: Mapping[str, Mapping] | None = None, max_time: float | None = None, metadata: Mapping | None = None,
-    **common,
+    reinit: Sequence[str] = (), **common,
 ) -> dict[str, TrainResult]:
     """Train several stages in the official order (encoder -> tokenizer -> rdm -> mage) into one
     pipeline folder.
 
     ``common`` settings apply to every stage, ``per_stage[name]`` ones to that stage only (both:
-    TrainConfig fields and stage options). ``max_time`` (seconds) is the budget of the whole
+    TrainConfig fields and stage options). ``reinit`` names stages whose networks start afresh
+    from the starting pipeline's config with ``pipeline_overrides`` applied (see
+    :func:`reinitialise`) instead of from ``init``'s weights. ``max_time`` (seconds) is the budget of the whole
     call. A killed run resumes where it stopped when called again with the same arguments:
     finished stages are skipped, the interrupted one continues from its last checkpoint.
 
@@ -229,6 +255,9 @@ def train_all(
     seed = int(settings_by_stage[order[0]].get("seed", 0))
     pipe, described = resolve_init(init, out_dir, source, preset=preset, in_channels=in_channels,
                                    overrides=pipeline_overrides, seed=seed)
+    if reinit and init is not None:  # a folder being resumed already holds the re-initialised networks
+        pipe = reinitialise(pipe, reinit, pipeline_overrides, seed=seed)
+        described += f" ({', '.join(reinit)} re-initialised)"
     results: dict[str, TrainResult] = {}
     t0 = time.monotonic()
     for name in order:
@@ -292,13 +321,15 @@ def _benchmark_pool(spec: str, classes: Sequence[str] | None) -> tuple[ImageSour
 def run_recipe(
     recipe: str | Recipe, out_dir: str | os.PathLike, *, data=None, init=None, stages: Sequence[str] | None = None,
     steps_scale: float = 1.0, per_stage: Mapping[str, Mapping] | None = None, max_time: float | None = None,
-    **overrides,
+    reinit: Sequence[str] = (), **overrides,
 ) -> dict[str, TrainResult]:
     """Run a named recipe (see :data:`RECIPES`), optionally on other data / a subset of stages.
 
     ``steps_scale`` multiplies every stage's step count (e.g. 0.1 for a quick trial);
     ``overrides`` (any TrainConfig field or stage option) apply to every stage on top of the
-    recipe, ``per_stage`` to one stage.
+    recipe, ``per_stage`` to one stage. ``reinit`` (with ``init``): start these stages' networks
+    afresh with the recipe's ``pipeline`` config overrides, e.g. to retrain the recipe's MAGE on
+    top of another run's encoder, tokenizer and RDM.
     """
     r = get_recipe(recipe) if isinstance(recipe, str) else recipe
     if steps_scale <= 0:
@@ -331,7 +362,7 @@ def run_recipe(
         results = finetune(r.init if init is None else init, out_dir=out_dir, **common)
     else:
         results = train_all(out_dir=out_dir, init=init, preset=r.preset, in_channels=r.in_channels,
-                            pipeline_overrides=r.pipeline, **common)
+                            pipeline_overrides=r.pipeline, reinit=reinit, **common)
     if not all(res.completed for res in results.values()) or len(results) < len(chosen):
         return results  # stopped early (time budget): a rerun finishes the stages, then continues
     for k, (name, extra) in enumerate(r.continuation, start=1):
@@ -353,6 +384,6 @@ def run_recipe(
 
 
 __all__ = [
-    "RECIPES", "STAGES", "STAGE_CLASSES", "SettingError", "distribute_settings", "finetune", "infer_channels", "make_stage", "new_pipeline", "open_data",
+    "RECIPES", "STAGES", "STAGE_CLASSES", "SettingError", "distribute_settings", "finetune", "infer_channels", "make_stage", "new_pipeline", "open_data", "reinitialise",
     "resolve_init", "run_recipe", "split_options", "train_all", "train_stage",
 ]
