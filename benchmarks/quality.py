@@ -22,6 +22,7 @@ Usage:
     python benchmarks/quality.py --model digits-tiny --data digits
     python benchmarks/quality.py --model faces-tiny --data lfw-faces --classes face
     python benchmarks/quality.py --model digits-tiny --fidelity-only   # the decomposition alone
+    python benchmarks/quality.py --model digits-tiny --surface         # noise_level x repaint_fraction
     python benchmarks/quality.py --quick            # seconds: random tiny model, few images
 """
 
@@ -141,6 +142,9 @@ def main(argv=None) -> int:
     ap.add_argument("--cfg", type=float, default=None)
     ap.add_argument("--repaint-fraction", type=float, default=None,
                     help="share of the source's tokens MAGE repaints, in [0.5, 1] (default: the model's)")
+    ap.add_argument("--surface", action="store_true",
+                    help="preservation / RMS to source / RMS between variants over noise levels x --repaint-fractions")
+    ap.add_argument("--repaint-fractions", default="0.5,0.6,0.7,0.8,0.9,1.0")
     ap.add_argument("--fidelity-only", action="store_true",
                     help="only the fidelity decomposition on ALL held-out images (no sheet, no FD)")
     ap.add_argument("--batch-size", type=int, default=128)
@@ -169,6 +173,8 @@ def main(argv=None) -> int:
     def tensors(indices):
         return torch.stack([pil_to_tensor(source.load(i), size, ch) for i in indices])
 
+    if args.quick:  # seconds, not minutes: a strided subset of both splits
+        pool_idx, test_idx = pool_idx[::4], test_idx[::8]
     x_pool, y_pool = tensors(pool_idx), np.array([source.labels[i] for i in pool_idx])
     x_test, y_test = tensors(test_idx), np.array([source.labels[i] for i in test_idx])
     settings = dict(num_iter=args.num_iter, rdm_steps=args.rdm_steps, cfg=args.cfg,
@@ -186,6 +192,10 @@ def main(argv=None) -> int:
     if multi_class:
         clf = LogisticRegression(max_iter=2000, C=0.5).fit(x_pool.flatten(1).numpy(), y_pool)
         real_acc = float((clf.predict(x_test.flatten(1).numpy()) == y_test).mean())
+    if args.surface:
+        if clf is None:
+            ap.error("--surface needs a labelled dataset with >= 2 classes")
+        return anchoring_surface(args, argv, pipe, clf, src, y_test[chosen], levels, settings, t0)
     fidelity = None
     if clf is not None:
         fidelity = fidelity_decomposition(pipe, clf, x_pool, y_pool, x_test, y_test,
@@ -235,7 +245,8 @@ def main(argv=None) -> int:
 
     # Frechet distances in the encoder's (normalised) representation space.
     enc = lambda x: batched(pipe.encode, x, args.batch_size).numpy()  # noqa: E731
-    gen = batched(lambda b: pipe.generate(len(b), generator=g, **settings),
+    no_source = {k: v for k, v in settings.items() if k != "repaint_fraction"}  # generate() has no source
+    gen = batched(lambda b: pipe.generate(len(b), generator=g, **no_source),
                   torch.zeros(args.generate, 1), args.batch_size)
     f_test = enc(x_test)
     half = len(f_test) // 2
@@ -287,6 +298,70 @@ def main(argv=None) -> int:
     for k, v in fd.items():
         print(f"| {k} | {v:.2f} |")
     print(f"\ncontact sheet: {sheet}\nJSON: {out_dir / f'{stem}.json'}  ({result['seconds']:.0f} s)")
+    return 0
+
+
+def anchoring_surface(args, argv, pipe, clf, src, labels, levels, settings, t0) -> int:
+    """Label preservation, RMS to the source and RMS between two variants of one source over
+    noise_level x repaint_fraction; JSON + a three-panel heat map."""
+    fractions = [float(v) for v in args.repaint_fractions.split(",")]
+    n = max(2, args.variants)
+    reps = src.repeat_interleave(n, 0)
+    grid = {}
+    for level in levels:
+        for frac in fractions:
+            g = torch.Generator().manual_seed(args.seed)
+            kw = dict(settings, repaint_fraction=frac)
+            out = batched(lambda b, lv=level, k=kw: pipe.reconstruct(b, lv, generator=g, **k), reps, args.batch_size)
+            v = out.view(len(src), n, -1)
+            pred = clf.predict(out.flatten(1).numpy()).reshape(len(src), n)
+            diffs = (v[:, :, None] - v[:, None]).pow(2).mean(-1).sqrt()
+            grid[f"{level}|{frac}"] = {
+                "noise_level": level, "repaint_fraction": frac,
+                "label_preservation": float((pred == labels[:, None]).mean()),
+                "rms_to_source": float((v - src.view(len(src), 1, -1)).pow(2).mean(-1).sqrt().mean()),
+                "rms_between_variants": float(diffs.sum((1, 2)).mean() / (n * (n - 1))),
+            }
+            print(f"surface {level} x {frac}: {grid[f'{level}|{frac}']}", file=sys.stderr, flush=True)
+    stem = args.name or f"anchoring_{Path(str(args.model or 'quick')).name}"
+    out_dir = Path(args.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    metrics = (("label_preservation", "label preservation"), ("rms_to_source", "RMS to source"),
+               ("rms_between_variants", "RMS between 2 variants"))
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
+    for ax, (key, title) in zip(axes, metrics):
+        m = np.array([[grid[f"{lv}|{fr}"][key] for fr in fractions] for lv in levels])
+        im = ax.imshow(m, cmap="viridis", aspect="auto", origin="lower")
+        ax.set_xticks(range(len(fractions)), [f"{f:g}" for f in fractions])
+        ax.set_yticks(range(len(levels)), [f"{lv:g}" for lv in levels])
+        ax.set_xlabel("repaint_fraction")
+        ax.set_ylabel("noise_level")
+        ax.set_title(title)
+        for i in range(len(levels)):
+            for j in range(len(fractions)):
+                ax.text(j, i, f"{m[i, j]:.2f}", ha="center", va="center", color="w", fontsize=8)
+        fig.colorbar(im, ax=ax, fraction=0.046)
+    fig.suptitle(f"{args.model}: {len(src)} held-out sources x {n} variants, settings "
+                 f"{ {k: v for k, v in settings.items() if v is not None} }", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(out_dir / f"{stem}.png", dpi=110)
+    result = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "model": args.model or "random tiny",
+              "data": args.data, "sources": len(src), "variants_per_source": n,
+              "settings": pipe.resolve_settings(**{k: v for k, v in settings.items() if k != "repaint_fraction"})
+              .to_dict(), "surface": list(grid.values()), "seconds": time.time() - t0,
+              "command": "python benchmarks/quality.py " + " ".join(argv if argv is not None else sys.argv[1:])}
+    (out_dir / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
+    print("| noise_level | repaint_fraction | label preservation | RMS to source | RMS between variants |")
+    print("|---|---|---|---|---|")
+    for row in grid.values():
+        print(f"| {row['noise_level']:g} | {row['repaint_fraction']:g} | {row['label_preservation']:.3f} | "
+              f"{row['rms_to_source']:.3f} | {row['rms_between_variants']:.3f} |")
+    print(f"\nplot: {out_dir / f'{stem}.png'}\nJSON: {out_dir / f'{stem}.json'}  ({result['seconds']:.0f} s)")
     return 0
 
 

@@ -200,7 +200,7 @@ def _check_state_shapes(own: dict[str, tuple], found: dict[str, tuple], *, sourc
         raise ValueError(f"{source} does not match this pipeline's config: " + "; ".join(parts))
 
 
-_FIELDS_ADDED_LATER = {"mage": {"rep_injection": "token"}, "defaults": {"repaint_fraction": None}}
+_FIELDS_ADDED_LATER = {"defaults": {"repaint_fraction": None}}
 
 
 def derive_generator(generator: torch.Generator | None, device: torch.device) -> torch.Generator | None:

@@ -204,13 +204,13 @@ def test_reinit_retrains_one_stage_on_top_of_the_others(image_folder, micro_dir,
     from rcg_augment.training.api import reinitialise
 
     start = RCGPipeline.from_pretrained(micro_dir)
-    fresh = reinitialise(start, ["mage"], {"mage": {"rep_injection": "token+add"}, "encoder": {"depth": 2}})
-    assert fresh.config.mage.rep_injection == "token+add" and fresh.config.encoder.depth == 1  # only mage's section
+    fresh = reinitialise(start, ["mage"], {"mage": {"rep_drop_prob": 0.2}, "encoder": {"depth": 2}})
+    assert fresh.config.mage.rep_drop_prob == 0.2 and fresh.config.encoder.depth == 1  # only mage's section
     for part in ("encoder", "tokenizer", "rdm"):
         assert all(torch.equal(a, b) for a, b in zip(getattr(fresh, part).state_dict().values(),
                                                      getattr(start, part).state_dict().values()))
     assert not torch.equal(fresh.mage.token_emb.word_embeddings.weight, start.mage.token_emb.word_embeddings.weight)
-    again = reinitialise(start, ["mage"], {"mage": {"rep_injection": "token+add"}})
+    again = reinitialise(start, ["mage"], {"mage": {"rep_drop_prob": 0.2}})
     assert all(torch.equal(a, b) for a, b in zip(fresh.state_dict().values(), again.state_dict().values()))
 
     out = tmp_path / "out"

@@ -17,9 +17,6 @@ from timm.models.vision_transformer import Block
 from torch import nn
 
 
-REP_INJECTIONS = ("token", "token+add")
-
-
 @dataclass
 class MAGEConfig:
     """Shape of the MAGE transformer and its training/sampling constants.
@@ -50,11 +47,6 @@ class MAGEConfig:
     mask_ratio_mu: float = 0.75
     mask_ratio_std: float = 0.25
     rep_drop_prob: float = 0.1
-    # How the representation enters the network. "token" (the official architecture): only as the
-    # embedding of sequence position 0. "token+add": also added, through its own projection, to
-    # every token's input embedding, which a tiny, briefly trained MAGE learns to follow far sooner
-    # (benchmarks/README.md, "MAGE conditioning").
-    rep_injection: str = "token"
     # Sampling defaults (ImageNet values: temperature 6.0 for MAGE-B, 11.0 for MAGE-L).
     num_iter: int = 20
     temperature: float = 6.0
@@ -69,8 +61,6 @@ class MAGEConfig:
             heads = self.num_heads if name == "embed_dim" else self.decoder_num_heads
             if getattr(self, name) % heads:
                 raise ValueError(f"`{name}` ({getattr(self, name)}) must be divisible by its head count ({heads})")
-        if self.rep_injection not in REP_INJECTIONS:
-            raise ValueError(f"`rep_injection` must be one of {REP_INJECTIONS}, got {self.rep_injection!r}")
         if not 0.0 < self.mask_ratio_min <= self.mask_ratio_max <= 1.0:
             raise ValueError("mask ratios must satisfy 0 < mask_ratio_min <= mask_ratio_max <= 1")
 
@@ -156,7 +146,6 @@ class MAGE(nn.Module):
         self.token_emb = TokenEmbedding(c.vocab_size, c.num_tokens + 1, c.embed_dim, c.dropout)
         self.latent_prior_proj = nn.Linear(c.rep_dim, c.embed_dim)
         self.fake_latent = nn.Parameter(torch.zeros(1, c.rep_dim))
-        self.rep_add_proj = nn.Linear(c.rep_dim, c.embed_dim) if c.rep_injection == "token+add" else None
         self.blocks = nn.ModuleList(
             Block(c.embed_dim, c.num_heads, c.mlp_ratio, qkv_bias=True, proj_drop=c.dropout,
                   attn_drop=c.attn_dropout, norm_layer=norm)
@@ -202,11 +191,7 @@ class MAGE(nn.Module):
         ids = torch.cat([tokens.new_full((bsz, 1), c.fake_class_id), tokens], dim=1)
         x = self.token_emb(ids)
         # Position 0 carries the condition: its embedding is the projected representation.
-        rep = rep.to(x.dtype)
-        tokens_x = x[:, 1:]
-        if self.rep_add_proj is not None:
-            tokens_x = tokens_x + self.rep_add_proj(rep)[:, None]
-        x = torch.cat([self.latent_prior_proj(rep)[:, None], tokens_x], dim=1)
+        x = torch.cat([self.latent_prior_proj(rep.to(x.dtype))[:, None], x[:, 1:]], dim=1)
         if drop_mask is not None:
             keep = ~drop_mask
             x = torch.cat([x[:, :1], x[:, 1:][keep].view(bsz, -1, x.shape[-1])], dim=1)
@@ -271,4 +256,4 @@ class MAGE(nn.Module):
         return (ce * weights).sum() / weights.sum()
 
 
-__all__ = ["MAGE", "MAGEConfig", "MAGE_PRESETS", "REP_INJECTIONS", "truncated_normal"]
+__all__ = ["MAGE", "MAGEConfig", "MAGE_PRESETS", "truncated_normal"]

@@ -131,8 +131,8 @@ def reinitialise(pipe: RCGPipeline, stages: Sequence[str], overrides: Mapping | 
     """``pipe`` with the networks of ``stages`` freshly initialised (seeded), their config sections
     (and ``defaults``) updated by ``overrides``; the other networks keep their weights.
 
-    Use it to retrain one stage with another architecture on top of trained ones, e.g. a MAGE
-    with ``{"mage": {"rep_injection": "token+add"}}`` over a trained encoder and tokenizer.
+    Use it to retrain one stage with another configuration on top of trained ones, e.g. a MAGE
+    with ``{"mage": {"depth": 6}}`` over a trained encoder and tokenizer.
     """
     for name in stages:
         _check_stage(name)

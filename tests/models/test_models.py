@@ -165,26 +165,3 @@ def test_truncated_normal_range_and_moments():
     # Mean of N(0.75, 0.25) truncated symmetrically to [0.5, 1.0] is 0.75.
     assert abs(x.mean().item() - 0.75) < 0.01
 
-
-def test_mage_rep_injection_token_and_add():
-    import dataclasses
-
-    base = MAGE_PRESETS["tiny"]
-    assert base.rep_injection == "token"
-    official_keys = set(MAGE(base).state_dict())
-    assert not any(k.startswith("rep_add_proj") for k in official_keys)
-    torch.manual_seed(0)
-    added = MAGE(dataclasses.replace(base, rep_injection="token+add")).eval()
-    keys = set(added.state_dict())
-    assert keys - official_keys == {"rep_add_proj.weight", "rep_add_proj.bias"}
-    tokens = torch.full((2, base.num_tokens), base.mask_token_id)
-    rep = torch.randn(2, base.rep_dim)
-    with torch.no_grad():
-        out = added(tokens, rep)
-        # the added path reaches every position: zeroing it changes the logits
-        added.rep_add_proj.weight.zero_()
-        added.rep_add_proj.bias.zero_()
-        assert not torch.allclose(out, added(tokens, rep))
-    assert out.shape == (2, base.num_tokens, base.codebook_size)
-    with pytest.raises(ValueError, match="rep_injection"):
-        dataclasses.replace(base, rep_injection="film")

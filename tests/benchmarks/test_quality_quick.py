@@ -1,0 +1,41 @@
+"""The quality benchmark's quick modes run and write well-formed reports (fidelity table, surface)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _run(tmp_path, *args):
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "quality.py"), "--quick", "--out-dir",
+                           str(tmp_path), *args], capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return proc.stdout
+
+
+def test_quality_quick_reports_the_fidelity_decomposition(tmp_path):
+    text = _run(tmp_path, "--noise-levels", "0,0.5")
+    assert "VQ tokenizer round trip" in text and "MAGE from the image's own representation" in text
+    data = json.loads((tmp_path / "quality_quick.json").read_text())
+    f = data["fidelity"]
+    for key in ("oracle_on_real", "tokenizer_round_trip", "encoder_nearest_neighbour", "mage_from_own_representation"):
+        assert 0.0 <= f[key] <= 1.0
+    m = f["masked_token_accuracy"]
+    assert 0.0 <= m["conditional"] <= 1.0 and 0.0 <= m["unconditional"] <= 1.0
+    assert set(data["per_noise_level"]) == {"0.0", "0.5"}
+    assert (tmp_path / "quality_quick.png").is_file()
+
+
+def test_quality_quick_surface(tmp_path):
+    text = _run(tmp_path, "--surface", "--noise-levels", "0,0.5", "--repaint-fractions", "0.5,1")
+    assert "| noise_level | repaint_fraction |" in text
+    data = json.loads((tmp_path / "anchoring_quick.json").read_text())
+    cells = {(r["noise_level"], r["repaint_fraction"]) for r in data["surface"]}
+    assert cells == {(0.0, 0.5), (0.0, 1.0), (0.5, 0.5), (0.5, 1.0)}
+    assert (tmp_path / "anchoring_quick.png").is_file()
