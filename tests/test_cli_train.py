@@ -204,6 +204,9 @@ def test_reinit_retrains_one_stage_on_top_of_the_others(image_folder, micro_dir,
     from rcg_augment.training.api import reinitialise
 
     start = RCGPipeline.from_pretrained(micro_dir)
+    with torch.no_grad():  # stands in for trained weights
+        for p in start.parameters():
+            p.add_(0.5)
     fresh = reinitialise(start, ["mage"], {"mage": {"rep_drop_prob": 0.2}, "encoder": {"depth": 2}})
     assert fresh.config.mage.rep_drop_prob == 0.2 and fresh.config.encoder.depth == 1  # only mage's section
     for part in ("encoder", "tokenizer", "rdm"):
@@ -219,6 +222,6 @@ def test_reinit_retrains_one_stage_on_top_of_the_others(image_folder, micro_dir,
     trained = RCGPipeline.from_pretrained(out)
     assert "mage re-initialised" in trained.config.metadata["training"][-1]["init"]
     assert all(torch.equal(a, b) for a, b in zip(trained.encoder.state_dict().values(),
-                                                 start.encoder.state_dict().values()))
+                                                 RCGPipeline.from_pretrained(micro_dir).encoder.state_dict().values()))
     assert main(["train", "mage", "--data", str(image_folder), "--out", str(tmp_path / "x"), "--reinit", *QUICK]) != 0
     assert "--reinit needs --init" in capsys.readouterr().err
