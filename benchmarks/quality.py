@@ -145,6 +145,10 @@ def main(argv=None) -> int:
     ap.add_argument("--surface", action="store_true",
                     help="preservation / RMS to source / RMS between variants over noise levels x --repaint-fractions")
     ap.add_argument("--repaint-fractions", default="0.5,0.6,0.7,0.8,0.9,1.0")
+    ap.add_argument("--label-filter", action="store_true",
+                    help="with --fidelity-only: also reconstruct through the label filter (prototypes from the "
+                    "training pool, --max-attempts draws) and report preservation of the kept variants and acceptance")
+    ap.add_argument("--max-attempts", type=int, default=4)
     ap.add_argument("--fidelity-only", action="store_true",
                     help="only the fidelity decomposition on ALL held-out images (no sheet, no FD)")
     ap.add_argument("--batch-size", type=int, default=128)
@@ -212,6 +216,25 @@ def main(argv=None) -> int:
             out = batched(lambda b, lv=level: pipe.reconstruct(b, lv, generator=g, **settings), x_test,
                           args.batch_size)
             fidelity["reconstruct"][str(level)] = float((clf.predict(out.flatten(1).numpy()) == y_test).mean())
+        if args.label_filter:
+            from rcg_augment import PrototypeFilter, reconstruct_with_labels
+
+            filt = PrototypeFilter.from_images(pipe, x_pool, torch.as_tensor(y_pool), batch_size=args.batch_size)
+            fidelity["label_filter"] = {"prototypes": "class means over the training pool",
+                                        "max_attempts": args.max_attempts}
+            for level in levels:
+                outs, oks, tries = [], [], []
+                for i in range(0, len(x_test), args.batch_size):
+                    o, ok, n = reconstruct_with_labels(
+                        pipe, x_test[i:i + args.batch_size], torch.as_tensor(y_test[i:i + args.batch_size]), level,
+                        label_filter=filt, max_attempts=args.max_attempts, generator=g, **settings)
+                    outs.append(o), oks.append(ok), tries.append(n)
+                out, ok, n = torch.cat(outs), torch.cat(oks).numpy(), torch.cat(tries)
+                kept = clf.predict(out[torch.from_numpy(ok)].flatten(1).numpy()) == y_test[ok]
+                fidelity["label_filter"][str(level)] = {
+                    "preservation_of_kept": float(kept.mean()) if len(kept) else float("nan"),
+                    "kept_fraction": float(ok.mean()), "acceptance_per_draw": float(ok.sum() / n.sum()),
+                    "draws_per_image": float(n.float().mean())}
         stem = args.name or f"fidelity_{Path(str(args.model or 'quick')).name}"
         out_dir = Path(args.out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -371,6 +394,10 @@ def print_fidelity(f: dict) -> None:
             ("encoder, nearest pool neighbour", f["encoder_nearest_neighbour"]),
             ("MAGE from the image's own representation", f["mage_from_own_representation"])]
     rows += [(f"full reconstruct, noise {lv}", v) for lv, v in f.get("reconstruct", {}).items()]
+    lf = f.get("label_filter", {})
+    rows += [(f"with the label filter, noise {lv} (kept {v['kept_fraction']:.0%}, acceptance per draw "
+              f"{v['acceptance_per_draw']:.0%})", v["preservation_of_kept"])
+             for lv, v in lf.items() if isinstance(v, dict)]
     for name, v in rows:
         print(f"| {name} | {v:.3f} |")
     m = f["masked_token_accuracy"]

@@ -39,3 +39,12 @@ def test_quality_quick_surface(tmp_path):
     cells = {(r["noise_level"], r["repaint_fraction"]) for r in data["surface"]}
     assert cells == {(0.0, 0.5), (0.0, 1.0), (0.5, 0.5), (0.5, 1.0)}
     assert (tmp_path / "anchoring_quick.png").is_file()
+
+
+def test_quality_quick_fidelity_only_with_label_filter(tmp_path):
+    text = _run(tmp_path, "--fidelity-only", "--label-filter", "--max-attempts", "2", "--noise-levels", "0.3")
+    assert "with the label filter, noise 0.3" in text
+    f = json.loads((tmp_path / "fidelity_quick.json").read_text())["fidelity"]
+    assert set(f["reconstruct"]) == {"0.3"}
+    row = f["label_filter"]["0.3"]
+    assert 0.0 <= row["kept_fraction"] <= 1.0 and 1.0 <= row["draws_per_image"] <= 2.0
