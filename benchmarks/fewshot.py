@@ -639,9 +639,8 @@ def parse_args(argv=None) -> tuple[argparse.Namespace, Settings]:
                    "a random tiny pipeline unless --model is given (for CI)")
     p.add_argument("--model", action="append", default=[], metavar="[DATASET=]DIR",
                    help="a pipeline trained on the pool (directory or named model); DATASET=DIR for one dataset. "
-                        "Default: digits-tiny for digits, faces-tiny for lfw-faces (faces-tiny saw faces "
-                        "only and paints faces into non-faces; the reported lfw run uses the lfw-pool-tiny "
-                        "recipe's model: benchmarks/README.md)")
+                        "Default: digits-tiny for digits, faces-tiny for lfw-faces (fine-tuned on the whole "
+                        "unlabelled lfw pool, faces and non-faces)")
     p.add_argument("--datasets", default=",".join(DATASETS), help="comma-separated, from " + ", ".join(DATASETS))
     p.add_argument("--shots", action="append", default=[], metavar="[DATASET=]K,K",
                    help="shot counts per class (default digits=1,5,10 lfw-faces=2,5,10)")

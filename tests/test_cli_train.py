@@ -87,17 +87,19 @@ def test_recipe_continuation_runs_after_its_stage_and_resumes_as_finished(micro_
     assert main(args) == 0
     printed = capsys.readouterr().out
     assert "mage      done: step 2/2" in printed and "mage-continued-1 done: step 2/2" in printed
+    assert "mage-continued-2 done: step 6/6" in printed
     records = RCGPipeline.from_pretrained(out).config.metadata["training"]
-    first, cont = records[-2], records[-1]
+    first, cont, cont2 = records[-3], records[-2], records[-1]
     assert first["stage"] == cont["stage"] == "mage"
     assert "run_name" not in first and first["seed"] == 0
     assert cont["run_name"] == "mage-continued-1" and cont["continuation"] == 1 and cont["seed"] == 1
     assert cont["lr"] == pytest.approx(2 * first["lr"])  # blr 3e-3 after 1.5e-3
-    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["mage", "mage-continued-1"]
+    assert cont2["run_name"] == "mage-continued-2" and cont2["continuation"] == 2 and cont2["seed"] == 2
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["mage", "mage-continued-1", "mage-continued-2"]
     weights = (out / "model.safetensors").read_bytes()
     assert main(args) == 0
     printed = capsys.readouterr().out
-    assert printed.count("already finished") == 2
+    assert printed.count("already finished") == 3
     assert (out / "model.safetensors").read_bytes() == weights
 
 
@@ -110,7 +112,7 @@ def test_run_name_must_be_a_plain_folder_name():
     assert TrainConfig(run_name="mage-continued-1").run_name == "mage-continued-1"
 
 
-def test_faces_recipe_pool_keeps_pool_faces_only():
+def test_benchmark_pool_of_one_class():
     from rcg_augment.training.api import _benchmark_pool
 
     source, meta = _benchmark_pool("lfw-faces", ("face",))
@@ -124,14 +126,13 @@ def test_faces_recipe_pool_keeps_pool_faces_only():
         _benchmark_pool("lfw-faces", ("cat",))
 
 
-def test_lfw_pool_recipe_is_faces_tiny_on_the_whole_pool():
-    """The few-shot benchmark's lfw model sees the unlabelled pool: faces and non-faces."""
+def test_faces_recipe_fine_tunes_on_the_whole_pool():
+    """A faces model must see every class of its task (faces and non-faces), unlabelled."""
     from rcg_augment.training.api import _benchmark_pool
-    from rcg_augment.training.recipes import FACES_TINY, get_recipe
+    from rcg_augment.training.recipes import get_recipe
 
-    r = get_recipe("lfw-pool-tiny")
+    r = get_recipe("faces-tiny")
     assert r.classes is None and r.data == "lfw-faces" and r.init == "digits-tiny"
-    assert (r.stages, r.common, r.per_stage) == (FACES_TINY.stages, FACES_TINY.common, FACES_TINY.per_stage)
     source, _ = _benchmark_pool(r.data, r.classes)
     full = open_source("lfw-faces")
     pool, _ = benchmark_split(full)

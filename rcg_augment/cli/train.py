@@ -66,8 +66,8 @@ def add_training_arguments(parser: argparse.ArgumentParser) -> None:
     data.add_argument("--classes", metavar="A,B", help="train on these classes of the data only (comma-separated)")
     data.add_argument("--out", required=True, metavar="DIR", help="output pipeline folder")
     data.add_argument("--recipe", metavar="NAME",
-                      help="named recipe with data and per-stage settings: digits-tiny, faces-tiny, "
-                           "lfw-pool-tiny (other flags override it)")
+                      help="named recipe with data and per-stage settings: digits-tiny, faces-tiny "
+                           "(other flags override it)")
     data.add_argument("--steps-scale", type=float, default=1.0, metavar="F",
                       help="multiply the recipe's step counts by F (e.g. 0.05 for a quick trial)")
 
