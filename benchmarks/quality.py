@@ -335,7 +335,7 @@ def anchoring_surface(args, argv, pipe, clf, src, labels, levels, settings, t0) 
         for frac in fractions:
             g = torch.Generator().manual_seed(args.seed)
             kw = dict(settings, repaint_fraction=frac)
-            out = batched(lambda b, lv=level, k=kw: pipe.reconstruct(b, lv, generator=g, **k), reps, args.batch_size)
+            out = batched(lambda b, lv=level, k=kw, gen=g: pipe.reconstruct(b, lv, generator=gen, **k), reps, args.batch_size)
             v = out.view(len(src), n, -1)
             pred = clf.predict(out.flatten(1).numpy()).reshape(len(src), n)
             diffs = (v[:, :, None] - v[:, None]).pow(2).mean(-1).sqrt()
@@ -357,7 +357,7 @@ def anchoring_surface(args, argv, pipe, clf, src, labels, levels, settings, t0) 
     metrics = (("label_preservation", "label preservation"), ("rms_to_source", "RMS to source"),
                ("rms_between_variants", "RMS between 2 variants"))
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
-    for ax, (key, title) in zip(axes, metrics):
+    for ax, (key, title) in zip(axes, metrics, strict=False):
         m = np.array([[grid[f"{lv}|{fr}"][key] for fr in fractions] for lv in levels])
         im = ax.imshow(m, cmap="viridis", aspect="auto", origin="lower")
         ax.set_xticks(range(len(fractions)), [f"{f:g}" for f in fractions])

@@ -212,10 +212,10 @@ def test_reinit_retrains_one_stage_on_top_of_the_others(image_folder, micro_dir,
     assert fresh.config.mage.rep_drop_prob == 0.2 and fresh.config.encoder.depth == 1  # only mage's section
     for part in ("encoder", "tokenizer", "rdm"):
         assert all(torch.equal(a, b) for a, b in zip(getattr(fresh, part).state_dict().values(),
-                                                     getattr(start, part).state_dict().values()))
+                                                     getattr(start, part).state_dict().values(), strict=False))
     assert not torch.equal(fresh.mage.token_emb.word_embeddings.weight, start.mage.token_emb.word_embeddings.weight)
     again = reinitialise(start, ["mage"], {"mage": {"rep_drop_prob": 0.2}})
-    assert all(torch.equal(a, b) for a, b in zip(fresh.state_dict().values(), again.state_dict().values()))
+    assert all(torch.equal(a, b) for a, b in zip(fresh.state_dict().values(), again.state_dict().values(), strict=False))
 
     out = tmp_path / "out"
     assert main(["train", "mage", "--data", str(image_folder), "--out", str(out), "--init", str(micro_dir),
@@ -223,6 +223,6 @@ def test_reinit_retrains_one_stage_on_top_of_the_others(image_folder, micro_dir,
     trained = RCGPipeline.from_pretrained(out)
     assert "mage re-initialised" in trained.config.metadata["training"][-1]["init"]
     assert all(torch.equal(a, b) for a, b in zip(trained.encoder.state_dict().values(),
-                                                 RCGPipeline.from_pretrained(micro_dir).encoder.state_dict().values()))
+                                                 RCGPipeline.from_pretrained(micro_dir).encoder.state_dict().values(), strict=False))
     assert main(["train", "mage", "--data", str(image_folder), "--out", str(tmp_path / "x"), "--reinit", *QUICK]) != 0
     assert "--reinit needs --init" in capsys.readouterr().err

@@ -44,7 +44,7 @@ def test_redraws_only_rejected_rows_within_the_bound():
     labels = torch.tensor([0, 1, 0, 1, 0, 1])
     out, ok, attempts = reconstruct_with_labels(pipe, x, labels, 0.3, label_filter=f, max_attempts=5,
                                                 generator=torch.Generator().manual_seed(0))
-    assert pipe.calls[0] == 6 and all(a >= b for a, b in zip(pipe.calls, pipe.calls[1:]))
+    assert pipe.calls[0] == 6 and all(a >= b for a, b in zip(pipe.calls, pipe.calls[1:], strict=False))
     assert sum(pipe.calls) == int(attempts.sum())
     assert len(pipe.calls) <= 5 and attempts.max() <= 5
     assert torch.equal(f.nearest(pipe.encode(out))[ok], labels[ok])
@@ -71,5 +71,5 @@ def test_with_a_real_pipeline_is_seeded():
                                           generator=torch.Generator().manual_seed(3), num_iter=2, rdm_steps=2,
                                           repaint_fraction=0.5)
     a, b = run(), run()
-    assert all(torch.equal(u, v) for u, v in zip(a, b))
+    assert all(torch.equal(u, v) for u, v in zip(a, b, strict=False))
     assert a[0].shape == x.shape

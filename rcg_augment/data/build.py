@@ -709,7 +709,7 @@ def _generate_shard(pipe, sel: _Selection, lo: int, hi: int, *, K: int, V: int, 
                 generator=generator, quantize=True, **settings.to_dict())
             keep = accepted.numpy()
             dropped += int((~keep).sum())
-            for lab, n_draws, ok in zip(labels.tolist(), attempts.tolist(), keep.tolist()):
+            for lab, n_draws, ok in zip(labels.tolist(), attempts.tolist(), keep.tolist(), strict=False):
                 draws["generated"][lab] += n_draws
                 draws["accepted"][lab] += int(ok)
         pixels = (out.float().clamp(0, 1) * 255).round().to(torch.uint8)
