@@ -36,6 +36,9 @@ CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 FORMAT_VERSION = 1
 MAX_TIMESTEPS = 100_000  # official RDM: 1000
+# The recommended `noise_level` when a caller gives none (the CLI's `build --noise-level`):
+# variants stay in class while still differing (see benchmarks/speed_quality.py).
+DEFAULT_NOISE_LEVEL = 0.3
 
 
 class ConfigError(ValueError):
@@ -519,5 +522,5 @@ class RCGPipeline(nn.Module):
         return torch.stack(frames)
 
 
-__all__ = ["CONFIG_NAME", "ConfigError", "PIPELINE_PRESETS", "PipelineConfig", "RCGPipeline", "SamplingDefaults",
+__all__ = ["CONFIG_NAME", "ConfigError", "DEFAULT_NOISE_LEVEL", "PIPELINE_PRESETS", "PipelineConfig", "RCGPipeline", "SamplingDefaults",
            "WEIGHTS_NAME", "derive_generator"]

@@ -6,6 +6,8 @@ import argparse
 import os
 import sys
 
+from ..pipeline import DEFAULT_NOISE_LEVEL
+
 EPILOG = """\
 examples:
   rcg-augment build --input digits --shots 5 --out cache/digits-5shot --variants 8 --noise-level 0.3
@@ -51,9 +53,10 @@ def register(subparsers) -> None:
     p.add_argument("--out", required=True, metavar="DIR", help="output cache directory (new, or a build to resume)")
     p.add_argument("--variants", required=True, type=_positive_int, metavar="K",
                    help="variants per image and noise level")
-    p.add_argument("--noise-level", required=True, type=_noise_levels, metavar="X[,Y...]",
+    p.add_argument("--noise-level", type=_noise_levels, default=[DEFAULT_NOISE_LEVEL], metavar="X[,Y...]",
                    help="in [0, 1]: 0 keeps the image's representation, 1 ignores it; a comma list "
-                   "puts several levels in one cache (each record stores its level)")
+                   f"puts several levels in one cache (each record stores its level). Default {DEFAULT_NOISE_LEVEL:g}, "
+                   "the library's recommended level")
     p.add_argument("--shots", type=_positive_int, metavar="N", help="use N images per class (drawn with --seed)")
     p.add_argument("--seed", type=int, default=0, help="seeds the few-shot draw and the generation (default 0)")
     p.add_argument("--model", default="digits-tiny", metavar="NAME|DIR",
