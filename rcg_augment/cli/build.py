@@ -59,8 +59,9 @@ def register(subparsers) -> None:
                    "the library's recommended level")
     p.add_argument("--shots", type=_positive_int, metavar="N", help="use N images per class (drawn with --seed)")
     p.add_argument("--seed", type=int, default=0, help="seeds the few-shot draw and the generation (default 0)")
-    p.add_argument("--model", default="digits-tiny", metavar="NAME|DIR",
-                   help="named model or a save_pretrained directory (default digits-tiny)")
+    p.add_argument("--model", default="digits-tiny", metavar="NAME|DIR|ORG/NAME",
+                   help="bundled model name, a save_pretrained directory, or a Hugging Face Hub model id "
+                   "(org/name, org/name@revision) (default digits-tiny)")
     p.add_argument("--batch-size", type=_positive_int, default=64, metavar="B",
                    help="images per generator call (default 64); part of the cache's identity")
     p.add_argument("--records-per-shard", type=_positive_int, metavar="R",

@@ -199,7 +199,8 @@ def register(subparsers) -> None:
     )
     parser.add_argument("stage", choices=STAGE_CHOICES, help="what to train: one stage, or all four in order")
     parser.add_argument("--init", metavar="DIR|NAME",
-                        help="start from this pipeline folder or named model (default: OUT's pipeline, else --preset)")
+                        help="start from this pipeline folder, named model or Hub model id org/name[@revision] "
+                             "(default: OUT's pipeline, else --preset)")
     parser.add_argument("--preset", default="tiny", choices=("tiny", "rcg-b", "rcg-l"),
                         help="architecture for a new pipeline (default tiny: 32 px, CPU-trainable)")
     parser.add_argument("--in-channels", type=int, choices=(1, 3),
