@@ -29,6 +29,27 @@ class SourceError(ValueError):
     """An input that cannot serve as an image source (empty, missing, unreadable as a whole)."""
 
 
+# The extra that brings the packages the built-in sources read their images from.
+BUILTIN_EXTRA = "examples"
+
+
+class MissingExtraError(SourceError, ImportError):
+    """A built-in source whose package is not installed; the message names the extra to install."""
+
+
+def _import_for(source: str, module: str, distribution: str):
+    """Import ``module`` for the built-in ``source``, or one line naming the extra that brings it."""
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError as err:
+        raise MissingExtraError(
+            f"the built-in source {source!r} needs {distribution}, which is not installed; "
+            f'install it with: pip install "rcg-augment[{BUILTIN_EXTRA}]"'
+        ) from err
+
+
 def array_to_pil(array: np.ndarray) -> Image.Image:
     """(H, W), (H, W, 1|3|4) uint8, or float in [0, 1] -> PIL image (L, RGB or RGBA)."""
     a = np.asarray(array)
@@ -129,17 +150,13 @@ def read_image(path: str | os.PathLike) -> Image.Image:
 
 
 def _load_digits() -> ImageSource:
-    from sklearn.datasets import load_digits
-
-    d = load_digits()
+    d = _import_for("digits", "sklearn.datasets", "scikit-learn").load_digits()
     images = [Image.fromarray(np.round(x * (255.0 / 16.0)).astype(np.uint8), mode="L") for x in d.images]
     return ImageSource("digits", [str(n) for n in d.target_names], [int(t) for t in d.target], images)
 
 
 def _load_lfw_faces() -> ImageSource:
-    from skimage.data import lfw_subset
-
-    arr = lfw_subset()  # (200, 25, 25) float in [0, 1]: 100 faces, then 100 non-faces
+    arr = _import_for("lfw-faces", "skimage.data", "scikit-image").lfw_subset()  # (200, 25, 25) float in [0, 1]: 100 faces, then 100 non-faces
     labels = [1] * 100 + [0] * 100
     images = [array_to_pil(a) for a in arr]
     return ImageSource("lfw-faces", ["non-face", "face"], labels, images)
@@ -231,7 +248,8 @@ def open_source(
 
     ``spec`` may be:
       - ``"digits"``: sklearn's 1,797 8x8 digits (grayscale, 10 classes);
-      - ``"lfw-faces"``: skimage's ``lfw_subset()``: 100 faces (label 1) and 100 non-faces (0), 25x25;
+      - ``"lfw-faces"``: skimage's ``lfw_subset()``: 100 faces (label 1) and 100 non-faces (0), 25x25
+        (both need ``pip install "rcg-augment[examples]"``);
       - a folder: ``root/<class>/<image>`` or a flat folder of images; unreadable files are
         skipped and listed in ``.skipped``;
       - a folder written by ``datasets.Dataset.save_to_disk`` or a ``datasets.Dataset``;
@@ -272,5 +290,5 @@ def open_source(
     return _from_folder(path)
 
 
-__all__ = ["BUILTIN_SOURCES", "IMAGE_EXTENSIONS", "ImageSource", "SourceError", "array_to_pil", "open_source",
-           "pil_to_tensor", "read_image"]
+__all__ = ["BUILTIN_EXTRA", "BUILTIN_SOURCES", "IMAGE_EXTENSIONS", "ImageSource", "MissingExtraError",
+           "SourceError", "array_to_pil", "open_source", "pil_to_tensor", "read_image"]
