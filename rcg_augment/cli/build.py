@@ -12,6 +12,8 @@ EPILOG = """\
 examples:
   rcg-augment build --input digits --shots 5 --out cache/digits-5shot --variants 8 --noise-level 0.3
   rcg-augment build --input photos/ --out cache/photos --variants 4 --noise-level 0.2,0.5 --contact-sheet
+  rcg-augment build --input my-org/pets --split test --image-column photo --out cache/pets --variants 4 \
+      --model my-org/rcg-pets@v1.0
   accelerate launch --multi_gpu --num_processes 4 -m rcg_augment build --input photos/ --out cache/photos ...
   torchrun --nproc_per_node 4 -m rcg_augment build --input photos/ --out cache/photos ...
 
@@ -49,7 +51,13 @@ def register(subparsers) -> None:
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--input", required=True, metavar="SRC",
-                   help='image folder (class sub-folders), saved HF dataset folder, "digits" or "lfw-faces"')
+                   help='image folder (class sub-folders), a dataset folder datasets.load_dataset reads (parquet, '
+                   'csv, jsonl, imagefolder splits) or save_to_disk wrote, a Hugging Face Hub dataset id, '
+                   '"digits" or "lfw-faces"')
+    p.add_argument("--split", metavar="NAME", help="dataset split to read (default: train, or the only split)")
+    p.add_argument("--image-column", metavar="COL", help="dataset column holding the images (default: image/img)")
+    p.add_argument("--label-column", metavar="COL",
+                   help="dataset column holding the labels (default: label/labels; none: one class)")
     p.add_argument("--out", required=True, metavar="DIR", help="output cache directory (new, or a build to resume)")
     p.add_argument("--variants", required=True, type=_positive_int, metavar="K",
                    help="variants per image and noise level")
@@ -104,8 +112,12 @@ def _distributed(args):
 def run(args) -> int:
     import torch
 
-    from ..data import build_synthetic, cache_contact_sheet
+    from ..data import build_synthetic, cache_contact_sheet, open_source
 
+    source = args.input
+    if args.split is not None or args.image_column is not None or args.label_column is not None:
+        source = open_source(args.input, split=args.split, image_column=args.image_column,
+                             label_column=args.label_column)
     process_index, num_processes, dist_device, barrier = _distributed(args)
     if args.device != "auto":
         device = args.device
@@ -115,7 +127,7 @@ def run(args) -> int:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     try:
         summary = build_synthetic(
-            args.input, args.out, variants_per_image=args.variants, noise_level=args.noise_level,
+            source, args.out, variants_per_image=args.variants, noise_level=args.noise_level,
             pipeline=args.model, batch_size=args.batch_size, seed=args.seed, cfg=args.cfg,
             temperature=args.temperature, num_iter=args.num_iter, rdm_steps=args.rdm_steps, shots=args.shots,
             quality_threshold=args.quality_threshold, overwrite=args.overwrite, progress=not args.no_progress,
@@ -131,7 +143,7 @@ def run(args) -> int:
         return 0
     sheet = None
     if args.contact_sheet and summary.complete:
-        sheet = cache_contact_sheet(summary.out_dir, args.input)
+        sheet = cache_contact_sheet(summary.out_dir, source)
     _print_summary(args, summary, sheet, num_processes)
     return 0
 

@@ -62,11 +62,11 @@ def handle(args: argparse.Namespace) -> int:
         if args.data is None:
             raise ValueError("--data is required without --recipe")
         from ..training import api
-        from .train import collect_settings
+        from .train import collect_settings, training_data
 
         common, per_stage = collect_settings(args, stages)
         classes = [c.strip() for c in args.classes.split(",") if c.strip()] if args.classes else None
-        results = api.finetune(source, args.data, args.out, stages=stages, classes=classes, per_stage=per_stage,
+        results = api.finetune(source, training_data(args), args.out, stages=stages, classes=classes, per_stage=per_stage,
                                max_time=args.max_time, **common)
     print_summary(results, args.out)
     return 0 if all(r.completed for r in results.values()) else 3
