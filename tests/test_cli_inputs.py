@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 
 from rcg_augment import RCGPipeline
 from rcg_augment.cli import main
@@ -18,12 +17,7 @@ from tests.training.helpers import micro_pipeline
 FAST = ["--num-iter", "2", "--rdm-steps", "2", "--no-progress", "--variants", "1"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)  # intra-op threads thrash on a shared 2-core box
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

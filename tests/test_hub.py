@@ -31,16 +31,16 @@ REPO = "rcg-test/micro"
 FAST = {"num_iter": 2, "rdm_steps": 2}
 
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
 @pytest.fixture(autouse=True)
 def offline_and_fresh(monkeypatch):
     """Offline as HF_HUB_OFFLINE=1 makes it, and no resolution remembered from another test."""
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
-    torch_threads = torch.get_num_threads()
-    torch.set_num_threads(1)
     forget_resolved_models()
     yield
     forget_resolved_models()
-    torch.set_num_threads(torch_threads)
 
 
 @pytest.fixture
