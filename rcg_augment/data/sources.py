@@ -298,10 +298,12 @@ def _pick_split(names, split: str | None, where: str) -> str:
 
 def _loadable_folder(path: Path) -> bool:
     """Whether ``path`` is laid out for ``datasets.load_dataset`` (data files, or split folders)
-    rather than as ``root/<class>/<image>``."""
-    if any(p.suffix.lower() in DATA_FILE_EXTENSIONS for p in path.iterdir() if p.is_file()):
+    rather than as ``root/<class>/<image>``. Symlinks do not count (the folder reader decides
+    whether to follow them)."""
+    entries = [p for p in path.iterdir() if not p.is_symlink()]
+    if any(p.suffix.lower() in DATA_FILE_EXTENSIONS for p in entries if p.is_file()):
         return True
-    subdirs = [p for p in path.iterdir() if p.is_dir() and not p.name.startswith(".")]
+    subdirs = [p for p in entries if p.is_dir() and not p.name.startswith(".")]
     if subdirs and all(p.name.lower() in SPLIT_FOLDER_NAMES for p in subdirs):
         return True
     data = path / "data"

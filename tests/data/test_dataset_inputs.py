@@ -98,6 +98,17 @@ def test_plain_class_folders_still_use_the_folder_reader(tmp_path):
     assert src.classes == ["a", "b"] and len(src.skipped) == 1  # the folder reader's skip list
 
 
+def test_a_symlinked_data_file_does_not_turn_a_class_folder_into_a_dataset(tmp_path):
+    outside = tmp_path / "outside.csv"
+    outside.write_text("image,label\n/etc/passwd,0\n")
+    for c in ("a", "b"):
+        (tmp_path / "f" / c).mkdir(parents=True)
+        _images(1)[0].save(tmp_path / "f" / c / "0.png")
+    (tmp_path / "f" / "rows.csv").symlink_to(outside)
+    src = open_source(tmp_path / "f")
+    assert src.classes == ["a", "b"] and len(src) == 2
+
+
 def test_hub_dataset_id_goes_to_load_dataset_with_the_split(monkeypatch, tmp_path):
     local = make_parquet_dataset(tmp_path / "pq")
     calls = []
