@@ -106,6 +106,7 @@ def test_a_symlinked_data_file_does_not_turn_a_class_folder_into_a_dataset(tmp_p
         _images(1)[0].save(tmp_path / "f" / c / "0.png")
     (tmp_path / "f" / "rows.csv").symlink_to(outside)
     src = open_source(tmp_path / "f")
+    assert src.name == str(tmp_path / "f")  # the folder reader's, not "... (split train)" of load_dataset
     assert src.classes == ["a", "b"] and len(src) == 2
 
 
