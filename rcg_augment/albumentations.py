@@ -26,6 +26,7 @@ from albumentations.core.utils import format_args
 from pydantic import field_validator
 
 from .pipeline import RCGPipeline
+from .settings import DEFAULT_NOISE_LEVEL
 from .transforms import (
     ModelHandle,
     augment_batch,
@@ -115,7 +116,7 @@ class RCGAugment(ImageOnlyTransform):
             return check_device(value)
 
     def __init__(
-        self, noise_level: float | tuple[float, float] = 0.3, *, model: str | os.PathLike | RCGPipeline = "digits-tiny",
+        self, noise_level: float | tuple[float, float] = DEFAULT_NOISE_LEVEL, *, model: str | os.PathLike | RCGPipeline = "digits-tiny",
         cfg: float | None = None, temperature: float | None = None, num_iter: int | None = None,
         rdm_steps: int | None = None, repaint_fraction: float | None = None, device: str | None = None,
         p: float = 1.0,

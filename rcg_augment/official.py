@@ -71,10 +71,12 @@ class OfficialCheckpointError(ValueError):
 
 
 class Converted(NamedTuple):
-    """A converter's result: state dicts per pipeline part, and the source keys set aside."""
+    """A converter's result: state dicts per pipeline part, the source keys set aside, and for
+    each part the key in the file that every converted key came from."""
 
     parts: dict[str, dict[str, torch.Tensor]]
     ignored: list[str]
+    origins: dict[str, dict[str, str]] | None = None
 
 
 def _sample(keys, n: int = 6) -> str:
@@ -138,11 +140,12 @@ def convert_mocov3_encoder(state_dict: Mapping[str, torch.Tensor]) -> Converted:
     Also accepts the bare ``base_encoder.*`` form (``module.`` stripped). RCG's ViT-L key quirks
     (``norm13``/``fc13``/``norm14``/``fc14``) are renamed.
     """
-    out, ignored, unknown = {}, [], []
+    out, origin, ignored, unknown = {}, {}, [], []
     for key, value in state_dict.items():
         m = re.match(r"^(module\.)?base_encoder\.(.+)$", key)
         if m:
             out[_encoder_key(m.group(2))] = value
+            origin[_encoder_key(m.group(2))] = key
         elif _ignored("encoder", key):
             ignored.append(key)
         else:
@@ -151,7 +154,7 @@ def convert_mocov3_encoder(state_dict: Mapping[str, torch.Tensor]) -> Converted:
         raise OfficialCheckpointError(f"unexpected keys for a MoCo v3 file: {_sample(unknown)}")
     if not out:
         raise OfficialCheckpointError("no `module.base_encoder.*` keys: not a MoCo v3 checkpoint")
-    return Converted({"encoder": out}, ignored)
+    return Converted({"encoder": out}, ignored, {"encoder": origin})
 
 
 def _embedded_encoder(key: str) -> str | None:
@@ -177,14 +180,18 @@ def convert_rdm(
     """
     ema_names = {rdm_ema_key(k): k for k in network_keys}
     raw, ema, encoder, ignored, unknown = {}, {}, {}, [], []
+    origin: dict[str, dict[str, str]] = {"raw": {}, "ema": {}, "encoder": {}}
     for key, value in state_dict.items():
         enc_key = _embedded_encoder(key)
         if key.startswith("model.diffusion_model."):
             raw[key[len("model.diffusion_model."):]] = value
+            origin["raw"][key[len("model.diffusion_model."):]] = key
         elif key in ema_names:
             ema[ema_names[key]] = value
+            origin["ema"][ema_names[key]] = key
         elif enc_key is not None:
             encoder[enc_key] = value
+            origin["encoder"][enc_key] = key
         elif key == "betas":
             expected = schedule.betas.to(value.dtype)
             if value.shape != expected.shape or not torch.allclose(value.double(), expected.double(), rtol=1e-5, atol=1e-8):
@@ -203,24 +210,27 @@ def convert_rdm(
     if not raw:
         raise OfficialCheckpointError("no `model.diffusion_model.*` keys: not an RDM checkpoint")
     if use_ema and ema:
-        network, ignored = ema, ignored + ["model.diffusion_model." + k for k in raw]
+        network, ignored, origins = ema, ignored + ["model.diffusion_model." + k for k in raw], {"rdm": origin["ema"]}
     else:
-        network, ignored = raw, ignored + [rdm_ema_key(k) for k in ema]
+        network, ignored, origins = raw, ignored + [rdm_ema_key(k) for k in ema], {"rdm": origin["raw"]}
     parts = {"rdm": network}
     if encoder:
-        parts["encoder"] = encoder
-    return Converted(parts, ignored)
+        parts["encoder"], origins["encoder"] = encoder, origin["encoder"]
+    return Converted(parts, ignored, origins)
 
 
 def convert_mage(state_dict: Mapping[str, torch.Tensor]) -> Converted:
     """MAGE file weights -> ``mage``, plus the embedded ``encoder`` and ``tokenizer`` (``vqgan.*``)."""
     mage, encoder, tokenizer, ignored = {}, {}, {}, []
+    origins: dict[str, dict[str, str]] = {"mage": {}, "encoder": {}, "tokenizer": {}}
     for key, value in state_dict.items():
         enc_key = _embedded_encoder(key)
         if enc_key is not None:
             encoder[enc_key] = value
+            origins["encoder"][enc_key] = key
         elif key.startswith("vqgan."):
             tokenizer[key[len("vqgan."):]] = value
+            origins["tokenizer"][key[len("vqgan."):]] = key
         elif _ignored("mage", key):
             ignored.append(key)
         else:
@@ -235,7 +245,7 @@ def convert_mage(state_dict: Mapping[str, torch.Tensor]) -> Converted:
         parts["encoder"] = encoder
     if tokenizer:
         parts["tokenizer"] = tokenizer
-    return Converted(parts, ignored)
+    return Converted(parts, ignored, {p: origins[p] for p in parts})
 
 
 def convert_vqgan(state_dict: Mapping[str, torch.Tensor]) -> Converted:
@@ -292,23 +302,40 @@ def convert_official_file(path: str | os.PathLike, kind: str, *, pipeline=None, 
         raise OfficialCheckpointError(f"{path} (passed as `{kind}`): {err}") from err
 
 
-def _load_part(module: torch.nn.Module, state: dict[str, torch.Tensor], *, part: str, path: Path, arch: str) -> None:
+def _check_part(module: torch.nn.Module, state: dict[str, torch.Tensor], *, part: str, path: Path, arch: str,
+                origins: Mapping[str, str] | None = None, embedded: bool = False) -> None:
+    """Raise :class:`OfficialCheckpointError` unless ``state`` has exactly ``module``'s keys, each of
+    its shape and kind (floating point or integer). ``origins`` maps keys back to the file's names
+    (so the message names the key as stored); ``embedded`` marks a copy another file carries."""
     own = module.state_dict()
+    origins = origins or {}
+
+    def named(k: str) -> str:
+        return k if origins.get(k, k) == k else f"{k} (stored as {origins[k]})"
+
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
     wrong = sorted(k for k in set(own) & set(state) if tuple(own[k].shape) != tuple(state[k].shape))
-    if missing or unexpected or wrong:
-        lines = [f"{path}: its {part} weights do not fit the official arch={arch!r} {part}."]
+    kind = sorted(k for k in set(own) & set(state)
+                  if k not in wrong and own[k].is_floating_point() != state[k].is_floating_point())
+    if missing or unexpected or wrong or kind:
+        what = f"the {part} copy it embeds does" if embedded else f"its {part} weights do"
+        lines = [f"{path}: {what} not fit the official arch={arch!r} {part}."]
         if wrong:
             lines.append("Wrong shapes (expected vs found): " + "; ".join(
-                f"{k} {tuple(own[k].shape)} vs {tuple(state[k].shape)}" for k in wrong[:5]))
+                f"{named(k)} {tuple(own[k].shape)} vs {tuple(state[k].shape)}" for k in wrong[:5]))
+        if kind:
+            lines.append("Wrong dtypes (expected vs found): " + "; ".join(
+                f"{named(k)} {own[k].dtype} vs {state[k].dtype}" for k in kind[:5]))
         if missing:
             lines.append(f"Expected but not found ({len(missing)}): {_sample(missing)}")
         if unexpected:
-            lines.append(f"Found but not expected ({len(unexpected)}): {_sample(unexpected)}")
+            lines.append(f"Found but not expected ({len(unexpected)}): {_sample([named(k) for k in unexpected])}")
         lines.append("Check that the file is the right one and that `arch` ('base' or 'large') matches it.")
+        if embedded:
+            lines.append(f"(Embedded copies are checked even when a separate `{part}=` file is loaded: "
+                         "with the right arch, a mismatch means the file is damaged.)")
         raise OfficialCheckpointError(" ".join(lines))
-    module.load_state_dict(state, strict=True)
 
 
 def load_official_pipeline(
@@ -343,7 +370,7 @@ def load_official_pipeline(
     pipe = RCGPipeline.from_preset(presets[arch])
     files = {"encoder": encoder, "rdm": rdm, "mage": mage, "tokenizer": tokenizer}
     # Where each part comes from, best first: its own file, then the copies other files embed.
-    candidates: dict[str, list[tuple[Path, dict]]] = {p: [] for p in files}
+    candidates: dict[str, list[tuple[Path, str, dict, dict]]] = {p: [] for p in files}
     order = ["encoder", "tokenizer", "mage", "rdm"]
     for kind in order:
         if files[kind] is None:
@@ -351,13 +378,18 @@ def load_official_pipeline(
         path = Path(files[kind])
         converted = convert_official_file(path, kind, pipeline=pipe, use_ema=use_ema)
         for part, state in converted.parts.items():
-            candidates[part].append((path, state))
+            candidates[part].append((path, kind, state, (converted.origins or {}).get(part, {})))
     provenance = {}
     for part in ("encoder", "rdm", "mage", "tokenizer"):
         if not candidates[part]:
             raise ValueError(f"no {part} weights: pass `{part}=` (no given file embeds them)")
-        path, state = candidates[part][0]
-        _load_part(getattr(pipe, part), state, part=part, path=path, arch=arch)
+        module = getattr(pipe, part)
+        # The copies not loaded are checked too: a damaged embedded key must not pass unnoticed
+        # just because a separate file stood in for it.
+        for path, kind, state, origins in candidates[part]:
+            _check_part(module, state, part=part, path=path, arch=arch, origins=origins, embedded=kind != part)
+        path, _, state, _ = candidates[part][0]
+        module.load_state_dict(state, strict=True)
         provenance[part] = {**OFFICIAL_SOURCES[part], "file": path.name}
         if verify_sha256:
             provenance[part]["sha256"] = sha256_file(path)

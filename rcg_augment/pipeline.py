@@ -29,7 +29,7 @@ from .models.rdm import RDM_PRESETS, RDMConfig, RepresentationDenoiser
 from .models.tokenizer import TOKENIZER_PRESETS, TokenizerConfig, VQTokenizer
 from .sampling.diffusion import DDIMSampler, NoiseSchedule
 from .sampling.maskgit import keep_source_tokens, maskgit_decode
-from .settings import FULL_REPAINT, GenerationSettings
+from .settings import DEFAULT_NOISE_LEVEL, FULL_REPAINT, GenerationSettings
 
 logger = logging.getLogger(__name__)
 
@@ -254,11 +254,26 @@ class RCGPipeline(nn.Module):
         return cls(config)
 
     @classmethod
-    def from_pretrained(cls, name_or_path: str | os.PathLike, *, device: str | torch.device | None = None) -> RCGPipeline:
-        """Load a directory written by :meth:`save_pretrained`, or a named model (see :mod:`rcg_augment.zoo`)."""
+    def from_pretrained(
+        cls, name_or_path: str | os.PathLike, *, device: str | torch.device | None = None, revision: str | None = None,
+        cache_dir: str | os.PathLike | None = None, local_files_only: bool = False, token: str | bool | None = None,
+    ) -> RCGPipeline:
+        """Load a saved pipeline: a bundled name (``"digits-tiny"``), a directory written by
+        :meth:`save_pretrained`, or a Hugging Face Hub id (``"org/name"``, ``"org/name@v1"``).
+
+        ``revision`` (branch, tag or commit), ``cache_dir``, ``local_files_only`` and ``token`` apply
+        to Hub ids, as in ``huggingface_hub.snapshot_download``; ``HF_HUB_OFFLINE=1`` reads the
+        cache only. Only ``config.json`` and ``model.safetensors`` are read, and they are checked
+        against each other before any weights load.
+
+        Example::
+
+            pipe = RCGPipeline.from_pretrained("my-org/rcg-digits", revision="v1.0", device="cuda")
+        """
         from .zoo import resolve_model_dir
 
-        directory = resolve_model_dir(name_or_path)
+        directory = resolve_model_dir(name_or_path, revision=revision, cache_dir=cache_dir,
+                                      local_files_only=local_files_only, token=token)
         config_path, weights_path = directory / CONFIG_NAME, directory / WEIGHTS_NAME
         for p in (config_path, weights_path):
             if not p.is_file():
@@ -308,8 +323,21 @@ class RCGPipeline(nn.Module):
                             {k: tuple(v.shape) for k, v in state.items()}, source=source)
         self.load_state_dict(state, strict=True)
 
-    def save_pretrained(self, directory: str | os.PathLike, *, metadata: dict | None = None) -> Path:
-        """Write ``config.json`` and ``model.safetensors`` (no pickle) into ``directory``."""
+    def save_pretrained(
+        self, directory: str | os.PathLike, *, metadata: dict | None = None, push_to_hub: bool = False,
+        repo_id: str | None = None, **hub_options,
+    ) -> Path:
+        """Write ``config.json``, ``model.safetensors`` (no pickle) and a model card ``README.md``
+        (see :func:`rcg_augment.hub.model_card`) into ``directory``.
+
+        ``push_to_hub=True`` then uploads the folder to ``repo_id`` (``"namespace/name"``);
+        ``hub_options`` (``revision``, ``private``, ``token``, ``commit_message``, ``create_pr``)
+        go to :func:`rcg_augment.hub.upload_model`. A README.md not written by this method is kept.
+        """
+        if push_to_hub and not repo_id:
+            raise ValueError("save_pretrained(push_to_hub=True) needs `repo_id`, e.g. repo_id='my-org/rcg-digits'")
+        if hub_options and not push_to_hub:
+            raise TypeError(f"save_pretrained() got Hub options {sorted(hub_options)} without push_to_hub=True")
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         state = {k: v.detach().to("cpu").contiguous() for k, v in self.state_dict().items()}
@@ -321,7 +349,27 @@ class RCGPipeline(nn.Module):
         self.config.metadata.update(metadata or {})
         self.config.metadata["weights_sha256"] = digest
         (directory / CONFIG_NAME).write_text(json.dumps(self.config.to_dict(), indent=2) + "\n")
+        from .hub import upload_model, write_model_card
+
+        write_model_card(directory, self.config, repo_id=repo_id)
+        if push_to_hub:
+            upload_model(directory, repo_id, **hub_options)
         return directory
+
+    def push_to_hub(self, repo_id: str, *, metadata: dict | None = None, **hub_options):
+        """Upload this pipeline (config, safetensors weights, model card) to the Hub as ``repo_id``.
+
+        ``hub_options``: ``revision`` (a branch, created if missing), ``private``, ``token``,
+        ``commit_message``, ``create_pr``. Returns the ``huggingface_hub.CommitInfo``.
+
+        Example::
+
+            pipe.push_to_hub("my-org/rcg-digits")
+            RCGPipeline.from_pretrained("my-org/rcg-digits")
+        """
+        from .hub import push_pipeline
+
+        return push_pipeline(self, repo_id, metadata=metadata, **hub_options)
 
     # ----------------------------------------------------------------- properties
     @property
@@ -452,7 +500,7 @@ class RCGPipeline(nn.Module):
     # ----------------------------------------------------------------- user-facing
     @torch.inference_mode()
     def reconstruct(
-        self, images: torch.Tensor, noise_level: float | torch.Tensor = 0.3, *,
+        self, images: torch.Tensor, noise_level: float | torch.Tensor = DEFAULT_NOISE_LEVEL, *,
         generator: torch.Generator | None = None, cfg: float | None = None, temperature: float | None = None,
         num_iter: int | None = None, rdm_steps: int | None = None, eta: float | None = None,
         repaint_fraction: float | None = None,

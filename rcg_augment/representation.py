@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from .pipeline import RCGPipeline
+from .settings import DEFAULT_NOISE_LEVEL
 from .transforms import (
     ModelHandle,
     RandomSource,
@@ -52,7 +53,7 @@ class RepresentationAugment(nn.Module):
     """
 
     def __init__(
-        self, noise_level: float | tuple[float, float] = 0.3, *, model: str | os.PathLike | RCGPipeline = "digits-tiny",
+        self, noise_level: float | tuple[float, float] = DEFAULT_NOISE_LEVEL, *, model: str | os.PathLike | RCGPipeline = "digits-tiny",
         rdm_steps: int | None = None, eta: float | None = None, seed: int | None = None,
         device: str | torch.device | None = None,
     ) -> None:

@@ -26,6 +26,10 @@ from typing import Any
 
 import numpy as np
 
+# The recommended `noise_level` wherever a caller gives none (reconstruct, the transforms, the
+# CLI's `build --noise-level`): variants stay in class while still differing (README, "How
+# faithful are the variants?").
+DEFAULT_NOISE_LEVEL = 0.3
 # The value a cache or a call records when the source is fully repainted (the official decoding).
 FULL_REPAINT = 1.0
 # Draws per variant when the label filter re-draws rejected variants (rcg_augment.label_filter).
@@ -131,4 +135,4 @@ class GenerationSettings:
         return out
 
 
-__all__ = ["DEFAULT_MAX_ATTEMPTS", "FULL_REPAINT", "GenerationSettings"]
+__all__ = ["DEFAULT_MAX_ATTEMPTS", "DEFAULT_NOISE_LEVEL", "FULL_REPAINT", "GenerationSettings"]

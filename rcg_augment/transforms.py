@@ -34,7 +34,7 @@ from torchvision.transforms.v2 import Transform
 from torchvision.transforms.v2._utils import is_pure_tensor
 
 from .pipeline import WEIGHTS_NAME, RCGPipeline
-from .settings import GenerationSettings
+from .settings import DEFAULT_NOISE_LEVEL, GenerationSettings
 from .zoo import resolve_model_dir
 
 logger = logging.getLogger(__name__)
@@ -431,7 +431,7 @@ class RCGAugment(Transform):
     _transformed_types = (PIL.Image.Image, tv_tensors.Image, is_pure_tensor)
 
     def __init__(
-        self, noise_level: float | tuple[float, float] = 0.3, *, model: str | os.PathLike | RCGPipeline = "digits-tiny",
+        self, noise_level: float | tuple[float, float] = DEFAULT_NOISE_LEVEL, *, model: str | os.PathLike | RCGPipeline = "digits-tiny",
         p: float = 1.0, cfg: float | None = None, temperature: float | None = None, num_iter: int | None = None,
         rdm_steps: int | None = None, repaint_fraction: float | None = None,
         device: str | torch.device | None = None, seed: int | None = None,

@@ -1,7 +1,10 @@
-"""Named models: what ships inside the package, with license and source.
+"""Named models: what ships inside the package, with license and source; and the one resolver
+that turns a model name into a folder for every entry point (``RCGPipeline.from_pretrained``,
+both ``RCGAugment``s, ``RepresentationAugment``, ``build --model``, ``train --init``,
+``finetune --from``).
 
 A named model is a directory under ``rcg_augment/weights/<name>`` written by
-``RCGPipeline.save_pretrained``; nothing is ever downloaded.
+``RCGPipeline.save_pretrained``; bundled names never touch the network.
 """
 
 from __future__ import annotations
@@ -45,12 +48,21 @@ def available_models() -> list[str]:
     return sorted(n for n in MODEL_CARDS if (WEIGHTS_DIR / n / "config.json").is_file())
 
 
-def resolve_model_dir(name_or_path: str | os.PathLike) -> Path:
-    """A directory path, or a named model's packaged directory; a clear error otherwise."""
-    path = Path(name_or_path)
-    if path.is_dir():
-        return path
-    name = str(name_or_path)
+def resolve_model_dir(
+    name_or_path: str | os.PathLike, *, revision: str | None = None, cache_dir: str | os.PathLike | None = None,
+    local_files_only: bool = False, token: str | bool | None = None,
+) -> Path:
+    """The folder of a saved pipeline, looked up in this order:
+
+    1. a bundled name (``"digits-tiny"``; see :data:`MODEL_CARDS`): the packaged folder, no network;
+    2. an existing local directory;
+    3. a Hugging Face Hub model id ``"namespace/name"`` (or ``"namespace/name@revision"``):
+       downloaded into the Hub cache with ``huggingface_hub`` (``HF_HUB_OFFLINE=1`` or
+       ``local_files_only=True`` reads the cache only); ``revision`` pins a branch, tag or commit.
+
+    Raises ``FileNotFoundError`` naming what was tried and the fix.
+    """
+    name = os.fspath(name_or_path)
     if name in MODEL_CARDS:
         directory = WEIGHTS_DIR / name
         if (directory / "config.json").is_file():
@@ -59,9 +71,22 @@ def resolve_model_dir(name_or_path: str | os.PathLike) -> Path:
             f"the named model {name!r} is not bundled in this installation; train it with "
             f"`{MODEL_CARDS[name].recipe}` or pass a directory. Bundled: {available_models() or 'none'}"
         )
-    raise FileNotFoundError(
-        f"{name!r} is neither a directory nor a named model; named models: {sorted(MODEL_CARDS)}"
-    )
+    path = Path(name)
+    if path.is_dir():
+        return path
+    from .hub import download_model, parse_hub_id
+
+    hub_id = parse_hub_id(name) if isinstance(name_or_path, str) else None
+    if hub_id is None:
+        raise FileNotFoundError(
+            f"{name!r} is neither a directory nor a named model ({', '.join(sorted(MODEL_CARDS))}), nor a Hugging "
+            "Face Hub id 'namespace/name'; pass one of those"
+        )
+    repo_id, pinned = hub_id
+    if pinned is not None and revision is not None and pinned != revision:
+        raise ValueError(f"{name!r} pins revision {pinned!r} but `revision` is {revision!r}; give one of them")
+    return download_model(repo_id, revision=pinned or revision, cache_dir=cache_dir,
+                          local_files_only=local_files_only, token=token)
 
 
 __all__ = ["MODEL_CARDS", "ModelCard", "available_models", "resolve_model_dir"]

@@ -1,4 +1,4 @@
-"""Build checkpoint files in the official layouts from the key manifests in shared/reference.
+"""Build checkpoint files in the official layouts from the key manifests in tests/fixtures/official_keys.
 
 Random tensors of the listed shapes; the RDM's schedule buffers hold the true schedule (they are
 constants of the method, and the loader checks `betas`).
@@ -8,17 +8,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 from pathlib import Path
 
 import torch
 
 from rcg_augment.sampling.diffusion import NoiseSchedule
 
-# The manifests live in the project's shared/ folder, beside the checkout (CI clones it there too).
-MANIFEST_DIR = Path(
-    os.environ.get("RCG_OFFICIAL_KEYS", Path(__file__).resolve().parents[2] / "shared" / "reference" / "official_keys")
-)
+# Copies of the official key manifests, kept with the tests (see the README.md beside them).
+MANIFEST_DIR = Path(__file__).resolve().parent / "fixtures" / "official_keys"
 
 INTEGER_SUFFIXES = ("num_batches_tracked", "position_ids", "num_updates")
 

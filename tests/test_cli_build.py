@@ -85,6 +85,17 @@ def test_build_with_corrupt_files_summary_and_contact_sheet(capsys, folder, tmp_
     assert len(text.splitlines()) <= 20  # one screen
 
 
+def test_noise_level_defaults_to_the_librarys_recommended_level(capsys, folder, tmp_path, model_dir):
+    from rcg_augment.settings import DEFAULT_NOISE_LEVEL
+
+    code, text, err = run(capsys, "--input", folder, "--out", tmp_path / "c", "--variants", 1, "--model", model_dir,
+                          *FAST)
+    assert code == 0, err
+    assert f"1 noise level ({DEFAULT_NOISE_LEVEL:g})" in text
+    assert json.loads((tmp_path / "c" / "manifest.json").read_text())["generation"]["noise_levels"] == [
+        DEFAULT_NOISE_LEVEL]
+
+
 def test_rerun_is_a_noop_stale_is_refused_overwrite_rebuilds(capsys, folder, tmp_path, model_dir):
     args = ["--input", folder, "--out", tmp_path / "c", "--variants", 1, "--noise-level", 0.5, "--model", model_dir,
             *FAST]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gc
 import os
+import re
 
 import pytest
 import torch
@@ -102,6 +103,40 @@ def test_embedded_copies_stand_in(base_files):
     mage_sd = base_files["mage_vit_base_rep"][1]
     torch.testing.assert_close(pipe.encoder.vit.cls_token, mage_sd["pretrained_encoder.cls_token"])
     torch.testing.assert_close(pipe.tokenizer.quantize.embedding.weight, mage_sd["vqgan.quantize.embedding.weight"])
+
+
+@pytest.mark.parametrize(("key", "damage", "message"), [
+    ("pretrained_encoder.blocks.0.attn.qkv.weight", lambda t: t[:-1],
+     r"the encoder copy it embeds does not fit.*vit\.blocks\.0\.attn\.qkv\.weight "
+     r"\(stored as pretrained_encoder\.blocks\.0\.attn\.qkv\.weight\) \(2304, 768\) vs \(2303, 768\)"),
+    ("vqgan.quantize.embedding.weight", lambda t: t.to(torch.int64),
+     r"the tokenizer copy it embeds does not fit.*Wrong dtypes.*quantize\.embedding\.weight "
+     r"\(stored as vqgan\.quantize\.embedding\.weight\) torch\.float32 vs torch\.int64"),
+])
+def test_damaged_embedded_copy_is_refused_beside_separate_files(base_files, tmp_path, key, damage, message):
+    """The MAGE file's encoder and VQGAN copies are checked even when `encoder=` and `tokenizer=`
+    files stand in for them (they used to load silently)."""
+    obj = torch.load(base_files["mage_vit_base_rep"][0], weights_only=False)
+    obj["model"][key] = damage(obj["model"][key])
+    damaged = tmp_path / "mage_damaged.pth"
+    torch.save(obj, damaged)
+    del obj
+    error = _official_error(encoder=base_files["mocov3_vit_base"][0], rdm=base_files["rdm_mocov3vitb"][0],
+                            mage=damaged, tokenizer=base_files["vqgan"][0])
+    assert re.search(message, error) and "mage_damaged.pth" in error
+    damaged.unlink()
+
+
+def _official_error(**files) -> str:
+    """The message of from_official's OfficialCheckpointError, keeping no traceback: its frames
+    hold gigabytes of converted weights that the ViT-L test below needs."""
+    try:
+        RCGPipeline.from_official(**files, verify_sha256=False)
+    except OfficialCheckpointError as err:
+        return str(err)
+    finally:
+        gc.collect()
+    raise AssertionError("from_official raised no OfficialCheckpointError")
 
 
 def test_ema_preferred_and_optional(tmp_path):

@@ -6,12 +6,14 @@ import argparse
 import os
 import sys
 
-from ..settings import DEFAULT_MAX_ATTEMPTS
+from ..settings import DEFAULT_MAX_ATTEMPTS, DEFAULT_NOISE_LEVEL
 
 EPILOG = """\
 examples:
   rcg-augment build --input digits --shots 5 --out cache/digits-5shot --variants 8 --noise-level 0.3
   rcg-augment build --input photos/ --out cache/photos --variants 4 --noise-level 0.2,0.5 --contact-sheet
+  rcg-augment build --input my-org/pets --split test --image-column photo --out cache/pets --variants 4 \
+      --model my-org/rcg-pets@v1.0
   accelerate launch --multi_gpu --num_processes 4 -m rcg_augment build --input photos/ --out cache/photos ...
   torchrun --nproc_per_node 4 -m rcg_augment build --input photos/ --out cache/photos ...
 
@@ -49,17 +51,25 @@ def register(subparsers) -> None:
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--input", required=True, metavar="SRC",
-                   help='image folder (class sub-folders), saved HF dataset folder, "digits" or "lfw-faces"')
+                   help='image folder (class sub-folders), a dataset folder datasets.load_dataset reads (parquet, '
+                   'csv, jsonl, imagefolder splits) or save_to_disk wrote, a Hugging Face Hub dataset id, '
+                   '"digits" or "lfw-faces"')
+    p.add_argument("--split", metavar="NAME", help="dataset split to read (default: train, or the only split)")
+    p.add_argument("--image-column", metavar="COL", help="dataset column holding the images (default: image/img)")
+    p.add_argument("--label-column", metavar="COL",
+                   help="dataset column holding the labels (default: label/labels; none: one class)")
     p.add_argument("--out", required=True, metavar="DIR", help="output cache directory (new, or a build to resume)")
     p.add_argument("--variants", required=True, type=_positive_int, metavar="K",
                    help="variants per image and noise level")
-    p.add_argument("--noise-level", required=True, type=_noise_levels, metavar="X[,Y...]",
+    p.add_argument("--noise-level", type=_noise_levels, default=[DEFAULT_NOISE_LEVEL], metavar="X[,Y...]",
                    help="in [0, 1]: 0 keeps the image's representation, 1 ignores it; a comma list "
-                   "puts several levels in one cache (each record stores its level)")
+                   f"puts several levels in one cache (each record stores its level). Default {DEFAULT_NOISE_LEVEL:g}, "
+                   "the library's recommended level")
     p.add_argument("--shots", type=_positive_int, metavar="N", help="use N images per class (drawn with --seed)")
     p.add_argument("--seed", type=int, default=0, help="seeds the few-shot draw and the generation (default 0)")
-    p.add_argument("--model", default="digits-tiny", metavar="NAME|DIR",
-                   help="named model or a save_pretrained directory (default digits-tiny)")
+    p.add_argument("--model", default="digits-tiny", metavar="NAME|DIR|ORG/NAME",
+                   help="bundled model name, a save_pretrained directory, or a Hugging Face Hub model id "
+                   "(org/name, org/name@revision) (default digits-tiny)")
     p.add_argument("--batch-size", type=_positive_int, default=64, metavar="B",
                    help="images per generator call (default 64); part of the cache's identity")
     p.add_argument("--records-per-shard", type=_positive_int, metavar="R",
@@ -110,8 +120,12 @@ def _distributed(args):
 def run(args) -> int:
     import torch
 
-    from ..data import build_synthetic, cache_contact_sheet
+    from ..data import build_synthetic, cache_contact_sheet, open_source
 
+    source = args.input
+    if args.split is not None or args.image_column is not None or args.label_column is not None:
+        source = open_source(args.input, split=args.split, image_column=args.image_column,
+                             label_column=args.label_column)
     process_index, num_processes, dist_device, barrier = _distributed(args)
     if args.device != "auto":
         device = args.device
@@ -121,7 +135,7 @@ def run(args) -> int:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     try:
         summary = build_synthetic(
-            args.input, args.out, variants_per_image=args.variants, noise_level=args.noise_level,
+            source, args.out, variants_per_image=args.variants, noise_level=args.noise_level,
             pipeline=args.model, batch_size=args.batch_size, seed=args.seed, cfg=args.cfg,
             temperature=args.temperature, num_iter=args.num_iter, rdm_steps=args.rdm_steps,
             repaint_fraction=args.repaint_fraction, shots=args.shots, quality_threshold=args.quality_threshold,
@@ -139,7 +153,7 @@ def run(args) -> int:
         return 0
     sheet = None
     if args.contact_sheet and summary.complete:
-        sheet = cache_contact_sheet(summary.out_dir, args.input)
+        sheet = cache_contact_sheet(summary.out_dir, source)
     _print_summary(args, summary, sheet, num_processes)
     return 0
 

@@ -7,8 +7,9 @@ import argparse
 from .train import add_training_arguments, print_summary, quiet_accelerate, run_stages
 
 EPILOG = """\
-The starting point is --from (a pipeline folder or a named model such as digits-tiny) or the
-authors' checkpoint files (--official rdm=FILE,mage=FILE[,encoder=FILE,tokenizer=FILE]).
+The starting point is --from (a pipeline folder, a named model such as digits-tiny, or a Hugging
+Face Hub model id org/name[@revision]) or the authors' checkpoint files
+(--official rdm=FILE,mage=FILE[,encoder=FILE,tokenizer=FILE]).
 Stages are trained in the order encoder -> tokenizer -> rdm -> mage; fine-tuning the encoder
 or the tokenizer changes what rdm and mage see, so retrain those after them.
 
@@ -61,11 +62,11 @@ def handle(args: argparse.Namespace) -> int:
         if args.data is None:
             raise ValueError("--data is required without --recipe")
         from ..training import api
-        from .train import collect_settings
+        from .train import collect_settings, training_data
 
         common, per_stage = collect_settings(args, stages)
         classes = [c.strip() for c in args.classes.split(",") if c.strip()] if args.classes else None
-        results = api.finetune(source, args.data, args.out, stages=stages, classes=classes, per_stage=per_stage,
+        results = api.finetune(source, training_data(args), args.out, stages=stages, classes=classes, per_stage=per_stage,
                                max_time=args.max_time, **common)
     print_summary(results, args.out)
     return 0 if all(r.completed for r in results.values()) else 3
@@ -79,7 +80,8 @@ def register(subparsers) -> None:
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--from", dest="from_", metavar="DIR|NAME",
-                        help="pipeline folder or named model to start from (default: the recipe's)")
+                        help="pipeline folder, named model or Hub model id org/name[@revision] to start from "
+                             "(default: the recipe's)")
     parser.add_argument("--official", type=_official, metavar="PART=FILE,...",
                         help="start from the authors' checkpoint files: rdm=FILE,mage=FILE[,encoder=FILE,tokenizer=FILE]")
     parser.add_argument("--arch", default="base", choices=("base", "large"), help="architecture of --official files")

@@ -61,8 +61,12 @@ def add_training_arguments(parser: argparse.ArgumentParser) -> None:
     """Flags shared by ``train`` and ``finetune``."""
     data = parser.add_argument_group("data and output")
     data.add_argument("--data", metavar="SPEC",
-                      help="training images: an image folder (root/<class>/<img> or flat), a saved Hugging Face "
-                           "dataset folder, 'digits' or 'lfw-faces' (default: the recipe's)")
+                      help="training images: an image folder (root/<class>/<img> or flat), a dataset folder "
+                           "datasets.load_dataset reads (parquet, csv, jsonl, imagefolder splits) or save_to_disk "
+                           "wrote, a Hugging Face Hub dataset id, 'digits' or 'lfw-faces' (default: the recipe's)")
+    data.add_argument("--split", metavar="NAME", help="dataset split of --data (default: train, or the only split)")
+    data.add_argument("--image-column", metavar="COL", help="dataset column of --data holding the images")
+    data.add_argument("--label-column", metavar="COL", help="dataset column of --data holding the labels")
     data.add_argument("--classes", metavar="A,B", help="train on these classes of the data only (comma-separated)")
     data.add_argument("--out", required=True, metavar="DIR", help="output pipeline folder")
     data.add_argument("--recipe", metavar="NAME",
@@ -155,25 +159,38 @@ def print_summary(results: dict, out_dir) -> None:
     print(f"pipeline saved to {out_dir} (load with RCGPipeline.from_pretrained({str(out_dir)!r}))")
 
 
+def training_data(args: argparse.Namespace):
+    """``--data`` as given, or opened with ``--split``/``--image-column``/``--label-column``."""
+    options = {"split": args.split, "image_column": args.image_column, "label_column": args.label_column}
+    if all(v is None for v in options.values()):
+        return args.data
+    if args.data is None:
+        raise ValueError("--split, --image-column and --label-column apply to --data; give --data too")
+    from ..data import open_source
+
+    return open_source(args.data, **options)
+
+
 def run_stages(args: argparse.Namespace, stages: list[str], *, init) -> dict:
     """Train ``stages`` as the flags say (a recipe, or --data with explicit settings)."""
     from ..training import api
 
     common, per_stage = collect_settings(args, stages)
+    data = training_data(args)
     classes = [c.strip() for c in args.classes.split(",") if c.strip()] if args.classes else None
     if args.recipe:
         if classes:
             raise ValueError("--classes cannot be combined with --recipe (the recipe names its data); drop one")
-        return api.run_recipe(args.recipe, args.out, data=args.data, init=init, stages=stages,
+        return api.run_recipe(args.recipe, args.out, data=data, init=init, stages=stages,
                               steps_scale=args.steps_scale, per_stage=per_stage, max_time=args.max_time,
                               reinit=stages if getattr(args, "reinit", False) else (), **common)
-    if args.data is None:
-        raise ValueError("--data is required without --recipe (an image folder, a saved HF dataset, 'digits' "
-                         "or 'lfw-faces')")
+    if data is None:
+        raise ValueError("--data is required without --recipe (an image folder, a dataset folder, a Hub dataset "
+                         "id, 'digits' or 'lfw-faces')")
     if args.steps_scale != 1.0:
         raise ValueError("--steps-scale scales a recipe's step counts; use --steps without --recipe")
     extra = {"preset": args.preset, "in_channels": args.in_channels} if hasattr(args, "preset") else {}
-    return api.train_all(args.data, args.out, stages=stages, init=init, classes=classes, per_stage=per_stage,
+    return api.train_all(data, args.out, stages=stages, init=init, classes=classes, per_stage=per_stage,
                          max_time=args.max_time, reinit=stages if getattr(args, "reinit", False) else (),
                          **extra, **common)
 
@@ -203,7 +220,8 @@ def register(subparsers) -> None:
     )
     parser.add_argument("stage", choices=STAGE_CHOICES, help="what to train: one stage, or all four in order")
     parser.add_argument("--init", metavar="DIR|NAME",
-                        help="start from this pipeline folder or named model (default: OUT's pipeline, else --preset)")
+                        help="start from this pipeline folder, named model or Hub model id org/name[@revision] "
+                             "(default: OUT's pipeline, else --preset)")
     parser.add_argument("--reinit", action="store_true",
                         help="with --init: start the trained stages' networks afresh (the recipe's architecture "
                         "overrides applied) and keep --init's other networks, e.g. retrain MAGE on a trained "
@@ -216,4 +234,4 @@ def register(subparsers) -> None:
     parser.set_defaults(handler=handle)
 
 
-__all__ = ["add_training_arguments", "parse_duration", "register"]
+__all__ = ["add_training_arguments", "parse_duration", "register", "training_data"]

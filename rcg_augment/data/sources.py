@@ -1,5 +1,6 @@
-"""Labelled image sources: an image folder, a Hugging Face dataset, a numpy array, or the
-datasets that ship with installed packages (``"digits"``, ``"lfw-faces"``).
+"""Labelled image sources: an image folder, a Hugging Face dataset (a Hub id, a local folder
+``datasets.load_dataset`` reads, or one ``save_to_disk`` wrote), a numpy array, or the datasets
+that ship with installed packages (``"digits"``, ``"lfw-faces"``).
 
 Every source is a ``torch.utils.data.Dataset`` of ``(PIL.Image, int)`` pairs with ``classes``,
 ``labels`` and ``skipped`` (files that could not be read, with the reason), so trainers, the
@@ -11,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,10 +25,36 @@ logger = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 BUILTIN_SOURCES = ("digits", "lfw-faces")
+# A local folder holding files of these kinds, or split sub-folders, is read with datasets.load_dataset.
+DATA_FILE_EXTENSIONS = (".parquet", ".arrow", ".csv", ".tsv", ".jsonl", ".json")
+SPLIT_FOLDER_NAMES = ("train", "test", "validation", "valid", "val", "dev", "eval")
+# "namespace/name" or a bare "name": what a Hub dataset id looks like (tried only when no such path exists).
+_HUB_DATASET_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
 
 
 class SourceError(ValueError):
     """An input that cannot serve as an image source (empty, missing, unreadable as a whole)."""
+
+
+# The extra that brings the packages the built-in sources read their images from.
+BUILTIN_EXTRA = "examples"
+
+
+class MissingExtraError(SourceError, ImportError):
+    """A built-in source whose package is not installed; the message names the extra to install."""
+
+
+def _import_for(source: str, module: str, distribution: str):
+    """Import ``module`` for the built-in ``source``, or one line naming the extra that brings it."""
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError as err:
+        raise MissingExtraError(
+            f"the built-in source {source!r} needs {distribution}, which is not installed; "
+            f'install it with: pip install "rcg-augment[{BUILTIN_EXTRA}]"'
+        ) from err
 
 
 def array_to_pil(array: np.ndarray) -> Image.Image:
@@ -129,17 +157,13 @@ def read_image(path: str | os.PathLike) -> Image.Image:
 
 
 def _load_digits() -> ImageSource:
-    from sklearn.datasets import load_digits
-
-    d = load_digits()
+    d = _import_for("digits", "sklearn.datasets", "scikit-learn").load_digits()
     images = [Image.fromarray(np.round(x * (255.0 / 16.0)).astype(np.uint8), mode="L") for x in d.images]
     return ImageSource("digits", [str(n) for n in d.target_names], [int(t) for t in d.target], images)
 
 
 def _load_lfw_faces() -> ImageSource:
-    from skimage.data import lfw_subset
-
-    arr = lfw_subset()  # (200, 25, 25) float in [0, 1]: 100 faces, then 100 non-faces
+    arr = _import_for("lfw-faces", "skimage.data", "scikit-image").lfw_subset()  # (200, 25, 25) float in [0, 1]: 100 faces, then 100 non-faces
     labels = [1] * 100 + [0] * 100
     images = [array_to_pil(a) for a in arr]
     return ImageSource("lfw-faces", ["non-face", "face"], labels, images)
@@ -203,39 +227,148 @@ def _from_folder(root: Path) -> ImageSource:
     return ImageSource(str(root), classes, labels, items, skipped)
 
 
+class _Column:
+    """One column of a ``datasets.Dataset``, decoded row by row when read (not all up front)."""
+
+    def __init__(self, ds, column: str):
+        self._ds = ds.select_columns([column])
+        self._column = column
+
+    def __len__(self) -> int:
+        return len(self._ds)
+
+    def __getitem__(self, index: int):
+        value = self._ds[int(index)][self._column]
+        return value if isinstance(value, Image.Image) else np.asarray(value)
+
+
 def _from_hf(ds, name: str, image_column: str | None, label_column: str | None) -> ImageSource:
+    """An ImageSource over a ``datasets.Dataset``; class names from a ClassLabel feature (or the
+    sorted distinct values of a string label column)."""
     columns = list(ds.column_names)
+    for flag, given in (("image_column", image_column), ("label_column", label_column)):
+        if given is not None and given not in columns:
+            raise SourceError(f"{name}: `{flag}` {given!r} is not a column; the columns are {columns}")
     image_column = image_column or next((c for c in ("image", "img", "pixel_values") if c in columns), None)
-    label_column = label_column or next((c for c in ("label", "labels") if c in columns), None)
+    class_labels = [c for c in columns if getattr(ds.features.get(c), "names", None)]
+    label_column = label_column or next((c for c in ("label", "labels") if c in columns), None) or (
+        class_labels[0] if len(class_labels) == 1 else None)
     if image_column is None:
-        raise SourceError(f"{name}: no image column (looked for image/img/pixel_values) among {columns}")
+        raise SourceError(f"{name}: no image column (looked for image/img/pixel_values) among {columns}; "
+                          "name it with `image_column` (--image-column)")
     if len(ds) == 0:
         raise SourceError(f"{name}: the dataset is empty")
     feature = ds.features.get(label_column) if label_column else None
     if label_column is None:
         labels, classes = [0] * len(ds), ["images"]
     else:
-        labels = [int(v) for v in ds[label_column]]
+        values = list(ds[label_column])
         names = getattr(feature, "names", None)
-        classes = list(names) if names else [str(i) for i in range(max(labels) + 1)]
-    column = ds[image_column]
-    items = [x if isinstance(x, Image.Image) else np.asarray(x) for x in column]
-    return ImageSource(name, classes, labels, items)
+        if names:
+            labels, classes = [int(v) for v in values], list(names)
+        elif all(isinstance(v, str) for v in values):
+            classes = sorted(set(values))
+            index = {c: i for i, c in enumerate(classes)}
+            labels = [index[v] for v in values]
+        else:
+            try:
+                labels = [int(v) for v in values]
+            except (TypeError, ValueError) as err:
+                raise SourceError(f"{name}: the label column {label_column!r} holds values that are neither class "
+                                  f"indices nor names ({err}); choose another with `label_column`") from err
+            if min(labels) < 0:
+                raise SourceError(f"{name}: the label column {label_column!r} holds negative labels (unlabelled "
+                                  "rows?); choose a labelled split")
+            classes = [str(i) for i in range(max(labels) + 1)]
+    return ImageSource(name, classes, labels, _Column(ds, image_column))
+
+
+def _pick_split(names, split: str | None, where: str) -> str:
+    names = list(names)
+    if split is not None:
+        if split not in names:
+            raise SourceError(f"{where} has no split {split!r}; its splits are {names} (choose with `split`, --split)")
+        return split
+    if "train" in names:
+        return "train"
+    if len(names) == 1:
+        return names[0]
+    raise SourceError(f"{where} has the splits {names} and none is 'train'; choose one with `split` (--split)")
+
+
+def _loadable_folder(path: Path) -> bool:
+    """Whether ``path`` is laid out for ``datasets.load_dataset`` (data files, or split folders)
+    rather than as ``root/<class>/<image>``. Symlinks do not count (the folder reader decides
+    whether to follow them)."""
+    entries = [p for p in path.iterdir() if not p.is_symlink()]
+    if any(p.suffix.lower() in DATA_FILE_EXTENSIONS for p in entries if p.is_file()):
+        return True
+    subdirs = [p for p in entries if p.is_dir() and not p.name.startswith(".")]
+    if subdirs and all(p.name.lower() in SPLIT_FOLDER_NAMES for p in subdirs):
+        return True
+    data = path / "data"
+    return data.is_dir() and any(p.suffix.lower() in DATA_FILE_EXTENSIONS for p in data.rglob("*"))
+
+
+def _load_dataset(spec: str, split: str | None, image_column, label_column, *, hub: bool) -> ImageSource:
+    """``datasets.load_dataset(spec, split=...)`` as an ImageSource; one SourceError on failure."""
+    import datasets
+
+    where = f"the Hugging Face Hub dataset {spec!r}" if hub else str(spec)
+    try:
+        if split is None:  # every split is prepared either way; pick one once they are known
+            loaded = datasets.load_dataset(spec)
+            chosen = _pick_split(list(loaded), None, where)
+            ds = loaded[chosen]
+        else:
+            chosen, ds = split, datasets.load_dataset(spec, split=split)
+    except SourceError:
+        raise
+    except Exception as err:  # datasets and the Hub raise many kinds; the message says which
+        first = str(err).splitlines()[0] if str(err) else ""
+        if split is not None and isinstance(err, ValueError) and "split" in first.lower():
+            raise SourceError(f"{where} has no split {split!r} ({first}); choose another with `split` "
+                              "(--split)") from err
+        what = f" (split {split!r})" if split is not None else ""
+        if hub:
+            raise SourceError(
+                f"{spec}: cannot load it as a Hugging Face Hub dataset{what} ({type(err).__name__}: {first}); it "
+                f"is not a local folder or a built-in source ({', '.join(BUILTIN_SOURCES)}) either. Offline "
+                "(HF_HUB_OFFLINE=1), a Hub dataset must already be in the datasets cache") from err
+        raise SourceError(f"{spec}: datasets.load_dataset cannot read this folder{what} ({type(err).__name__}: "
+                          f"{first}); use root/<class>/<image> sub-folders, or data files (parquet, csv, jsonl) "
+                          "it understands") from err
+    if isinstance(ds, datasets.IterableDataset):  # pragma: no cover - not asked for (no streaming)
+        raise SourceError(f"{where}: a streaming dataset is not supported")
+    return _from_hf(ds, f"{spec} (split {chosen})", image_column, label_column)
 
 
 def open_source(
     spec, *, labels: Sequence[int] | None = None, classes: Sequence[str] | None = None,
-    image_column: str | None = None, label_column: str | None = None,
+    image_column: str | None = None, label_column: str | None = None, split: str | None = None,
 ) -> ImageSource:
     """Open a labelled image source.
 
     ``spec`` may be:
       - ``"digits"``: sklearn's 1,797 8x8 digits (grayscale, 10 classes);
-      - ``"lfw-faces"``: skimage's ``lfw_subset()``: 100 faces (label 1) and 100 non-faces (0), 25x25;
+      - ``"lfw-faces"``: skimage's ``lfw_subset()``: 100 faces (label 1) and 100 non-faces (0), 25x25
+        (both need ``pip install "rcg-augment[examples]"``);
       - a folder: ``root/<class>/<image>`` or a flat folder of images; unreadable files are
         skipped and listed in ``.skipped``;
+      - a folder ``datasets.load_dataset`` reads: data files (parquet, csv, jsonl, arrow) or split
+        sub-folders (``train/<class>/<image>``, imagefolder);
       - a folder written by ``datasets.Dataset.save_to_disk`` or a ``datasets.Dataset``;
+      - a Hugging Face Hub dataset id (``"namespace/name"``), when no such path exists;
       - a numpy array (N, H, W) or (N, H, W, C), uint8 or float in [0, 1], with ``labels``.
+
+    For datasets: ``split`` (default ``"train"``, or the only split), ``image_column`` (default
+    image/img/pixel_values) and ``label_column`` (default label/labels, else the only ClassLabel
+    column; none: one class). Class
+    names come from a ClassLabel feature, or the distinct values of a string label column.
+
+    Example::
+
+        src = open_source("my-org/pets", split="test", image_column="photo", label_column="breed")
     """
     if isinstance(spec, ImageSource):
         return spec
@@ -255,22 +388,29 @@ def open_source(
     except ImportError:  # pragma: no cover - datasets is a dependency
         hf = None
     if isinstance(spec, str) and spec in BUILTIN_SOURCES:
+        if split is not None:
+            raise SourceError(f"the built-in source {spec!r} has no splits; drop `split` ({split!r})")
         return _load_digits() if spec == "digits" else _load_lfw_faces()
     path = Path(spec)
     if not path.exists():
+        if isinstance(spec, str) and _HUB_DATASET_ID.match(spec):
+            return _load_dataset(spec, split, image_column, label_column, hub=True)
         raise SourceError(f"{spec}: no such folder, and not a built-in source ({', '.join(BUILTIN_SOURCES)})")
     if not path.is_dir():
         raise SourceError(f"{spec}: expected a folder of images or a saved Hugging Face dataset")
     if (path / "dataset_info.json").is_file() or (path / "state.json").is_file() or (path / "dataset_dict.json").is_file():
         loaded = hf.load_from_disk(str(path))
         if isinstance(loaded, hf.DatasetDict):
-            split = "train" if "train" in loaded else next(iter(loaded))
-            loaded = loaded[split]
+            loaded = loaded[_pick_split(loaded, split, str(path))]
+        elif split is not None:
+            raise SourceError(f"{path} holds a single dataset, not splits; drop `split` ({split!r})")
         return _from_hf(loaded, str(path), image_column, label_column)
     if not any(path.iterdir()):
         raise SourceError(f"{spec}: the folder is empty")
+    if split is not None or _loadable_folder(path):
+        return _load_dataset(str(path), split, image_column, label_column, hub=False)
     return _from_folder(path)
 
 
-__all__ = ["BUILTIN_SOURCES", "IMAGE_EXTENSIONS", "ImageSource", "SourceError", "array_to_pil", "open_source",
-           "pil_to_tensor", "read_image"]
+__all__ = ["BUILTIN_EXTRA", "BUILTIN_SOURCES", "DATA_FILE_EXTENSIONS", "IMAGE_EXTENSIONS", "ImageSource",
+           "MissingExtraError", "SourceError", "array_to_pil", "open_source", "pil_to_tensor", "read_image"]
