@@ -36,6 +36,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ..files import sha256_file
 from ..label_filter import DEFAULT_MAX_ATTEMPTS, PrototypeFilter, reconstruct_with_labels
 from ..settings import FULL_REPAINT, GenerationSettings
 from .sources import BUILTIN_SOURCES, ImageSource, SourceError, open_source, pil_to_tensor
@@ -139,14 +140,6 @@ def _read_json(path: Path):
         return json.loads(path.read_text())
     except (OSError, ValueError, RecursionError):
         return None
-
-
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def batch_seed(seed: int, records: np.ndarray) -> int:
@@ -354,7 +347,7 @@ def _shard_complete(out_dir: Path, shard: int, spec_hash: str, *, verify: bool) 
         return None
     if arrow_path.stat().st_size != meta.get("bytes"):
         return None
-    if verify and _sha256_file(arrow_path) != meta.get("sha256"):
+    if verify and sha256_file(arrow_path) != meta.get("sha256"):
         return None
     return meta
 
