@@ -25,9 +25,7 @@ from albumentations.core.transforms_interface import BaseTransformInitSchema, Im
 from albumentations.core.utils import format_args
 from pydantic import field_validator
 
-from .pipeline import RCGPipeline
-from .settings import DEFAULT_NOISE_LEVEL
-from .transforms import (
+from .frontend import (
     ModelHandle,
     augment_batch,
     batch_to_numpy,
@@ -36,8 +34,8 @@ from .transforms import (
     check_sampling_settings,
     numpy_to_batch,
 )
-
-_SEED_BOUND = 2**62
+from .pipeline import RCGPipeline
+from .settings import DEFAULT_NOISE_LEVEL, SEED_BOUND
 
 
 class _Shown:
@@ -165,7 +163,7 @@ class RCGAugment(ImageOnlyTransform):
             levels = self.random_generator.uniform(self.noise_level[0], self.noise_level[1], size=n)
         else:
             levels = np.full(n, float(self.noise_level))
-        return {"noise_levels": levels, "seed": int(self.random_generator.integers(0, _SEED_BOUND))}
+        return {"noise_levels": levels, "seed": int(self.random_generator.integers(0, SEED_BOUND))}
 
     def _run(self, batch: np.ndarray, noise_levels: np.ndarray, seed: int, shape: tuple | None = None) -> np.ndarray:
         tensor, info = numpy_to_batch(batch, shape=shape)

@@ -39,7 +39,7 @@ from .models.tokenizer import VQTokenizer
 from .official import read_official_files
 from .sampling.diffusion import DDIMSampler, NoiseSchedule
 from .sampling.maskgit import keep_source_tokens, maskgit_decode
-from .settings import DEFAULT_NOISE_LEVEL, FULL_REPAINT, GenerationSettings
+from .settings import DEFAULT_NOISE_LEVEL, FULL_REPAINT, SEED_BOUND, GenerationSettings
 from .state_dicts import compare_state
 
 logger = logging.getLogger(__name__)
@@ -88,7 +88,7 @@ def derive_generator(generator: torch.Generator | None, device: torch.device) ->
     """A generator on ``device`` seeded from ``generator`` (CPU generators can't draw on CUDA)."""
     if generator is None or generator.device.type == device.type:
         return generator
-    seed = int(torch.randint(0, 2**62, (1,), generator=generator).item())
+    seed = int(torch.randint(0, SEED_BOUND, (1,), generator=generator).item())
     return torch.Generator(device=device).manual_seed(seed)
 
 
@@ -482,7 +482,7 @@ class RCGPipeline(nn.Module):
         if not alphas or any(not 0.0 <= x <= 1.0 for x in alphas):
             raise ValueError(f"`alphas` must be a non-empty sequence in [0, 1], got {alphas}")
         ra, rb = self.encode(a), self.encode(b)
-        seed = None if generator is None else int(torch.randint(0, 2**62, (1,), generator=generator).item())
+        seed = None if generator is None else int(torch.randint(0, SEED_BOUND, (1,), generator=generator).item())
         frames = []
         for alpha in alphas:
             mix = (1 - alpha) * ra + alpha * rb

@@ -32,6 +32,9 @@ import numpy as np
 DEFAULT_NOISE_LEVEL = 0.3
 # The value a cache or a call records when the source is fully repainted (the official decoding).
 FULL_REPAINT = 1.0
+# Seeds drawn for a call's torch.Generator (a transform's per-call seed, a generator moved to
+# another device) are in [0, SEED_BOUND).
+SEED_BOUND = 2**62
 # Draws per variant when the label filter re-draws rejected variants (rcg_augment.label_filter).
 DEFAULT_MAX_ATTEMPTS = 4
 
@@ -135,4 +138,4 @@ class GenerationSettings:
         return out
 
 
-__all__ = ["DEFAULT_MAX_ATTEMPTS", "DEFAULT_NOISE_LEVEL", "FULL_REPAINT", "GenerationSettings"]
+__all__ = ["DEFAULT_MAX_ATTEMPTS", "DEFAULT_NOISE_LEVEL", "FULL_REPAINT", "SEED_BOUND", "GenerationSettings"]

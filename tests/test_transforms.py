@@ -16,7 +16,7 @@ from torchvision import tv_tensors
 from torchvision.transforms import v2
 
 from rcg_augment import RCGAugment, RCGPipeline
-from rcg_augment import transforms as rt
+from rcg_augment import frontend as rt
 from rcg_augment.zoo import available_models
 
 FAST = {"num_iter": 2, "rdm_steps": 2}
