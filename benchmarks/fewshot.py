@@ -451,7 +451,10 @@ def run_dataset(d: DatasetData, pipe: RCGPipeline, s: Settings, cache_root: Path
     want_probe = any(a.startswith("probe") for a in s.arms)
     cache_arms = [a for a in s.arms if a.startswith(CACHE_PREFIX)]
     shots_list = s.shots[d.name]
-    result = {"shots": {}, "tuning": {}, "test_size": len(d.test), "pool_size": len(d.pool)}
+    result = {"shots": {}, "tuning": {}, "test_size": len(d.test), "pool_size": len(d.pool),
+              # the settings every RCG arm ran with, the model's defaults filled in
+              "generation": pipe.resolve_settings(cfg=s.cfg, temperature=s.temperature, num_iter=s.num_iter,
+                                                  rdm_steps=s.rdm_steps).to_dict()}
     t0 = time.perf_counter()
     for k in shots_list:
         result["tuning"][str(k)] = tune(d, k, s, reps)

@@ -144,10 +144,10 @@ def main(argv=None) -> int:
     t_start = time.time()
     grid = list(itertools.product(parse_floats(args.cfg), parse_ints(args.num_iter), parse_ints(args.rdm_steps)))
     for i, (cfg, num_iter, rdm_steps) in enumerate(grid):
-        row = {"cfg": cfg, "num_iter": num_iter, "rdm_steps": rdm_steps}
+        resolved = pipe.resolve_settings(cfg=cfg, num_iter=num_iter, rdm_steps=rdm_steps).to_dict()
+        row = {"cfg": cfg, "num_iter": num_iter, "rdm_steps": rdm_steps, "settings": resolved}
         row.update(measure(pipe, x, y, clf, noise_level=args.noise_level, variants=args.variants,
-                           batch_size=args.batch_size, seed=args.seed, cfg=cfg, num_iter=num_iter,
-                           rdm_steps=rdm_steps))
+                           batch_size=args.batch_size, seed=args.seed, **resolved))
         rows.append(row)
         lp = f"{row['label_preservation']:.3f}" if "label_preservation" in row else "n/a"
         print(f"[{i + 1}/{len(grid)}] cfg {cfg:g} num_iter {num_iter:2d} rdm_steps {rdm_steps:3d}: "

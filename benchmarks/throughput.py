@@ -28,7 +28,6 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from rcg_augment import RCGPipeline, __version__
-from rcg_augment.sampling.diffusion import DDIMSampler
 from rcg_augment.sampling.maskgit import maskgit_decode
 
 RESULTS = Path(__file__).parent / "results"
@@ -74,7 +73,7 @@ def stage_fns(pipe: RCGPipeline, batch: int, cfg: float, temperature: float):
     rep = torch.randn(batch, pipe.config.rdm.rep_dim, device=device)
     grid = pipe.config.tokenizer.grid_size
     tokens = torch.randint(0, pipe.config.mage.codebook_size, (batch, grid, grid), device=device)
-    sampler = DDIMSampler(pipe.schedule, pipe.config.rdm.sampling_steps, pipe.config.rdm.eta)
+    sampler = pipe.sampler()  # the model's default rdm_steps and eta
     t_mid = sampler.timesteps[len(sampler.timesteps) // 2].to(device).expand(batch)
 
     def encoder():

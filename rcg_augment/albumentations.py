@@ -31,11 +31,10 @@ from .frontend import (
     batch_to_numpy,
     check_device,
     check_noise_level,
-    check_sampling_settings,
     numpy_to_batch,
 )
 from .pipeline import RCGPipeline
-from .settings import DEFAULT_NOISE_LEVEL, SEED_BOUND
+from .settings import DEFAULT_NOISE_LEVEL, SEED_BOUND, GenerationSettings
 
 
 class _Shown:
@@ -104,7 +103,7 @@ class RCGAugment(ImageOnlyTransform):
         @classmethod
         def _settings(cls, value: Any, info) -> Any:
             try:
-                return check_sampling_settings(**{info.field_name: value})[info.field_name]
+                return getattr(GenerationSettings(**{info.field_name: value}), info.field_name)
             except TypeError as err:
                 raise ValueError(str(err)) from err
 
@@ -149,9 +148,9 @@ class RCGAugment(ImageOnlyTransform):
         return f"{type(self).__name__}({format_args(state)})"
 
     @property
-    def _settings(self) -> dict:
-        return {"cfg": self.cfg, "temperature": self.temperature, "num_iter": self.num_iter,
-                "rdm_steps": self.rdm_steps, "repaint_fraction": self.repaint_fraction}
+    def _settings(self) -> GenerationSettings:
+        return GenerationSettings(cfg=self.cfg, temperature=self.temperature, num_iter=self.num_iter,
+                                  rdm_steps=self.rdm_steps, repaint_fraction=self.repaint_fraction)
 
     def get_params_dependent_on_data(self, params: dict[str, Any], data: dict[str, Any]) -> dict[str, Any]:
         n = 1

@@ -35,7 +35,7 @@ class SamplingDefaults:
     cfg: float = 0.0
     temperature: float | None = None  # None: the MAGE config's value
     num_iter: int | None = None  # None: the MAGE config's value
-    rdm_steps: int | None = None  # None: the RDM config's sampling_steps
+    rdm_steps: int | None = None  # None: the RDM config's sampling_steps (its default rdm_steps)
     eta: float | None = None  # None: the RDM config's eta
     repaint_fraction: float | None = None  # None: 1.0, the official full repaint
 

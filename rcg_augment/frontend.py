@@ -81,13 +81,12 @@ def check_sampling_settings(**settings) -> dict:
     """Validate per-call generation overrides (None keeps the model's default) by
     :class:`~rcg_augment.settings.GenerationSettings`; returns every field, None where unset.
 
-    The pipeline checks the bounds that depend on the model (``rdm_steps`` <= its schedule
-    length, ``repaint_fraction`` >= its MAGE's ``mask_ratio_min``) when it runs.
+    The front-ends keep the :class:`GenerationSettings` object itself; this dict form is kept for
+    callers of earlier versions. The pipeline checks the bounds that depend on the model
+    (``rdm_steps`` <= its schedule length, ``repaint_fraction`` >= its MAGE's ``mask_ratio_min``)
+    when it runs.
     """
-    unknown = sorted(set(settings) - set(GenerationSettings.names()))
-    if unknown:
-        raise TypeError(f"unknown generation settings {unknown}; expected {list(GenerationSettings.names())}")
-    return GenerationSettings(**settings).to_dict()
+    return GenerationSettings.from_kwargs(**settings).to_dict()
 
 
 def check_device(value: Any) -> str | None:
@@ -270,7 +269,7 @@ def model_input(images: torch.Tensor, pipe: RCGPipeline) -> tuple[torch.Tensor, 
 
 def augment_batch(
     model: ModelHandle | RCGPipeline, images: torch.Tensor, noise_level: torch.Tensor, apply: torch.Tensor,
-    seed: int, settings: dict,
+    seed: int, settings: GenerationSettings,
 ) -> torch.Tensor:
     """Reconstruct the rows of ``images`` where ``apply`` is set, in one pipeline call.
 
@@ -287,7 +286,8 @@ def augment_batch(
     pipe = model.get() if isinstance(model, ModelHandle) else model
     model_in, color_c = model_input(images[idx.to(images.device)], pipe)
     generator = torch.Generator().manual_seed(seed)
-    recon = pipe.reconstruct(model_in, noise_level.to("cpu", torch.float64)[idx], generator=generator, **settings)
+    recon = pipe.reconstruct(model_in, noise_level.to("cpu", torch.float64)[idx], generator=generator,
+                             **settings.overrides())
     recon = from_model_channels(recon.to(images.device), color_c)
     if images.dtype == torch.uint8:
         recon = (recon * 255.0).round().clamp(0, 255).to(torch.uint8)
@@ -365,7 +365,7 @@ def _pil_restore(img: PIL.Image.Image, mode: str) -> PIL.Image.Image:
 
 
 def augment_pil(model: ModelHandle | RCGPipeline, img: PIL.Image.Image, noise_level: torch.Tensor, apply: torch.Tensor, seed: int,
-                settings: dict) -> PIL.Image.Image:
+                settings: GenerationSettings) -> PIL.Image.Image:
     """One PIL image -> a PIL image of the same size and mode."""
     work = _pil_work_mode(img)
     if img.width == 0 or img.height == 0:
@@ -386,13 +386,14 @@ class FrontEnd:
     """The read-only views and ``repr`` shared by the ``nn.Module`` front-ends.
 
     A subclass sets ``noise_level``, ``_model`` (a :class:`ModelHandle`), ``_random`` (a
-    :class:`RandomSource`) and ``_settings`` (the generation overrides) in ``__init__``; they are
-    private so ``nn.Module`` does not register a pipeline object as a submodule.
+    :class:`RandomSource`) and ``_settings`` (its generation overrides, a
+    :class:`GenerationSettings`) in ``__init__``; they are private so ``nn.Module`` does not
+    register a pipeline object as a submodule.
     """
 
     _model: ModelHandle
     _random: RandomSource
-    _settings: dict
+    _settings: GenerationSettings
 
     @property
     def model(self) -> str | RCGPipeline:
@@ -414,7 +415,7 @@ class FrontEnd:
 
     def extra_repr(self) -> str:
         parts = [f"noise_level={self.noise_level}", f"model={self._model.describe()}", *self._repr_options()]
-        parts += [f"{k}={v}" for k, v in self._settings.items() if v is not None]
+        parts += [f"{k}={v}" for k, v in self._settings.overrides().items()]
         if self._model.device is not None:
             parts.append(f"device={self._model.device!r}")
         if self.seed is not None:

@@ -343,11 +343,8 @@ class RCGPipeline(nn.Module):
         """``settings`` with ``overrides`` on top (None values ignored), every field filled from
         this model's defaults and validated against it (before any work)."""
         settings = settings or GenerationSettings()
-        changes = {k: v for k, v in overrides.items() if v is not None}
-        unknown = sorted(set(changes) - set(GenerationSettings.names()))
-        if unknown:
-            raise TypeError(f"unknown generation settings {unknown}; expected {list(GenerationSettings.names())}")
-        return settings.replace(**changes).resolve(self.config)
+        changes = GenerationSettings.from_kwargs(**{k: v for k, v in overrides.items() if v is not None})
+        return settings.replace(**changes.overrides()).resolve(self.config)
 
     def sampler(self, rdm_steps: int | None = None, eta: float | None = None) -> DDIMSampler:
         s = self.resolve_settings(rdm_steps=rdm_steps, eta=eta)

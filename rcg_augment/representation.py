@@ -27,11 +27,10 @@ from .frontend import (
     RandomSource,
     check_image_batch,
     check_noise_level,
-    check_sampling_settings,
     model_input,
 )
 from .pipeline import RCGPipeline
-from .settings import DEFAULT_NOISE_LEVEL
+from .settings import DEFAULT_NOISE_LEVEL, GenerationSettings
 
 
 class RepresentationAugment(FrontEnd, nn.Module):
@@ -60,8 +59,7 @@ class RepresentationAugment(FrontEnd, nn.Module):
     ) -> None:
         super().__init__()
         self.noise_level = check_noise_level(noise_level)
-        settings = check_sampling_settings(rdm_steps=rdm_steps, eta=eta)
-        self._settings = {"rdm_steps": settings["rdm_steps"], "eta": settings["eta"]}
+        self._settings = GenerationSettings(rdm_steps=rdm_steps, eta=eta)
         self._model = ModelHandle(model, device)
         self._random = RandomSource(seed)
 
@@ -101,7 +99,7 @@ class RepresentationAugment(FrontEnd, nn.Module):
         draw = self._random.draw(rep.shape[0], self.noise_level)
         generator = torch.Generator().manual_seed(draw["seed"])
         out = pipe.denoise_representations(rep.detach().to(pipe.device, torch.float32), draw["noise_level"],
-                                           generator=generator, **self._settings)
+                                           generator=generator, **self._settings.overrides())
         return out.to(rep.device, rep.dtype).clone()
 
 

@@ -46,7 +46,7 @@ from .frontend import (
     to_model_channels,
 )
 from .pipeline import RCGPipeline
-from .settings import DEFAULT_NOISE_LEVEL
+from .settings import DEFAULT_NOISE_LEVEL, GenerationSettings
 
 
 # =============================================================================== torchvision transform
@@ -107,9 +107,8 @@ class RCGAugment(FrontEnd, Transform):
         super().__init__()
         self.noise_level = check_noise_level(noise_level)
         self.p = check_probability(p)
-        self._settings = check_sampling_settings(cfg=cfg, temperature=temperature, num_iter=num_iter,
-                                                 rdm_steps=rdm_steps, repaint_fraction=repaint_fraction)
-        self._settings.pop("eta")
+        self._settings = GenerationSettings(cfg=cfg, temperature=temperature, num_iter=num_iter, rdm_steps=rdm_steps,
+                                            repaint_fraction=repaint_fraction)
         self._model = ModelHandle(model, device)
         self._random = RandomSource(seed)
 
