@@ -1,5 +1,6 @@
 """What a saved pipeline is: the four model configs, the sampling defaults and provenance
-metadata (``config.json``), read and checked in one place, and the named presets.
+metadata (``config.json``), read and checked in one place. The named presets that build one
+are in :mod:`rcg_augment.presets`.
 
 Nothing here builds a network: :class:`~rcg_augment.pipeline.RCGPipeline` builds the modules a
 :class:`PipelineConfig` describes, and :mod:`rcg_augment.official` converts the authors' files
@@ -12,10 +13,10 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-from .models.encoder import ENCODER_PRESETS, EncoderConfig
-from .models.mage import MAGE_PRESETS, MAGEConfig
-from .models.rdm import RDM_PRESETS, RDMConfig
-from .models.tokenizer import TOKENIZER_PRESETS, TokenizerConfig
+from .models.encoder import EncoderConfig
+from .models.mage import MAGEConfig
+from .models.rdm import RDMConfig
+from .models.tokenizer import TokenizerConfig
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -127,31 +128,10 @@ def _dataclass_from_dict(klass, values, where: str):
         raise ConfigError(f"{where}: {err}") from err
 
 
-def preset_config(name: str) -> PipelineConfig:
-    """A fresh config of the named preset (its sections are new objects: safe to change)."""
-    config = _preset(name)
-    return PipelineConfig.from_dict(config.to_dict(), source=f"preset {name!r}")
-
-
-def _preset(name: str) -> PipelineConfig:
-    if name == "tiny":
-        return PipelineConfig(ENCODER_PRESETS["tiny"], RDM_PRESETS["tiny"], TOKENIZER_PRESETS["tiny"],
-                              MAGE_PRESETS["tiny"], metadata={"preset": "tiny"})
-    if name == "rcg-b":
-        return PipelineConfig(ENCODER_PRESETS["vit_base"], RDM_PRESETS["rdm_vit_base"], TOKENIZER_PRESETS["official"],
-                              MAGE_PRESETS["mage_vit_base"], metadata={"preset": "rcg-b"})
-    if name == "rcg-l":
-        return PipelineConfig(ENCODER_PRESETS["vit_large"], RDM_PRESETS["rdm_vit_large"], TOKENIZER_PRESETS["official"],
-                              MAGE_PRESETS["mage_vit_large"], metadata={"preset": "rcg-l"})
-    raise ValueError(f"unknown preset {name!r}; choose one of {PIPELINE_PRESETS}")
-
-
-PIPELINE_PRESETS = ("tiny", "rcg-b", "rcg-l")
-
 # Config fields added after models and caches existed: a model's fingerprint hashes them as if
 # absent while they hold this default, so a cache built before the field existed still matches.
 FIELDS_ADDED_LATER = {"defaults": {"repaint_fraction": None}}
 
 
-__all__ = ["CONFIG_NAME", "ConfigError", "FIELDS_ADDED_LATER", "FORMAT_VERSION", "MAX_TIMESTEPS", "PIPELINE_PRESETS",
-           "PipelineConfig", "SamplingDefaults", "WEIGHTS_NAME", "preset_config"]
+__all__ = ["CONFIG_NAME", "ConfigError", "FIELDS_ADDED_LATER", "FORMAT_VERSION", "MAX_TIMESTEPS", "PipelineConfig",
+           "SamplingDefaults", "WEIGHTS_NAME"]

@@ -27,12 +27,13 @@ from typing import NamedTuple
 
 import torch
 
-from .config import PipelineConfig, preset_config
+from .config import PipelineConfig
 from .files import sha256_file
 from .models.encoder import RepresentationEncoder
 from .models.mage import MAGE
 from .models.rdm import RepresentationDenoiser
 from .models.tokenizer import VQTokenizer
+from .presets import preset_config
 from .sampling.diffusion import NoiseSchedule
 from .state_dicts import compare_state
 

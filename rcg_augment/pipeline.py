@@ -7,7 +7,6 @@ dataset builder and the CLI call.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import hashlib
 import json
 import logging
@@ -24,12 +23,10 @@ from torch import nn
 from .config import (
     CONFIG_NAME,
     FIELDS_ADDED_LATER,
-    PIPELINE_PRESETS,
     WEIGHTS_NAME,
     ConfigError,
     PipelineConfig,
     SamplingDefaults,
-    preset_config,
 )
 from .files import sha256_file
 from .models.encoder import RepresentationEncoder
@@ -37,6 +34,7 @@ from .models.mage import MAGE
 from .models.rdm import RepresentationDenoiser
 from .models.tokenizer import VQTokenizer
 from .official import read_official_files
+from .presets import PIPELINE_PRESETS, preset_config
 from .sampling.diffusion import DDIMSampler, NoiseSchedule
 from .sampling.maskgit import keep_source_tokens, maskgit_decode
 from .settings import DEFAULT_NOISE_LEVEL, FULL_REPAINT, SEED_BOUND, GenerationSettings
@@ -115,24 +113,13 @@ class RCGPipeline(nn.Module):
     # ----------------------------------------------------------------- construction
     @classmethod
     def from_preset(cls, name: str, **overrides) -> RCGPipeline:
-        """A randomly initialised pipeline: ``"tiny"`` (32 px, CPU-trainable), ``"rcg-b"``, ``"rcg-l"``.
+        """A randomly initialised pipeline of a preset in :data:`~rcg_augment.presets.PIPELINE_PRESETS`:
+        ``"tiny"`` (32 px, CPU-trainable), ``"rcg-b"``, ``"rcg-l"``.
 
         ``overrides`` may set ``in_channels`` (encoder, tokenizer) or replace whole sections with
-        ``encoder=EncoderConfig(...)`` etc.
+        ``encoder=EncoderConfig(...)`` etc. (see :func:`~rcg_augment.presets.preset_config`).
         """
-        config = preset_config(name)
-        in_channels = overrides.pop("in_channels", None)
-        for key, value in overrides.items():
-            if key not in ("encoder", "rdm", "tokenizer", "mage", "defaults", "metadata"):
-                raise TypeError(f"from_preset() got an unexpected override {key!r}")
-            setattr(config, key, value)
-        if in_channels is not None:
-            mean = (sum(config.encoder.mean) / len(config.encoder.mean),) * in_channels
-            std = (sum(config.encoder.std) / len(config.encoder.std),) * in_channels
-            config.encoder = dataclasses.replace(config.encoder, in_channels=in_channels, mean=mean, std=std)
-            config.tokenizer = dataclasses.replace(config.tokenizer, in_channels=in_channels)
-        config = PipelineConfig.from_dict(config.to_dict(), source=f"preset {name!r}")
-        return cls(config)
+        return cls(preset_config(name, **overrides))
 
     @classmethod
     def from_pretrained(

@@ -22,20 +22,15 @@ import torch
 
 from ..data.sources import ImageSource, open_source
 from ..pipeline import CONFIG_NAME, PipelineConfig, RCGPipeline
-from .encoder import EncoderStage
+from ..presets import SECTIONS, preset_config
 from .loop import Stage, TrainConfig, TrainResult, derive_seed, run_training
-from .mage import MAGEStage
-from .rdm import RDMStage
 from .recipes import RECIPES, Recipe, get_recipe
-from .tokenizer import TokenizerStage
+from .registry import STAGES, stage_class
 
 logger = logging.getLogger(__name__)
 
-# Training order: the RDM needs the encoder; MAGE needs the encoder and the tokenizer.
-STAGES = ("encoder", "tokenizer", "rdm", "mage")
-STAGE_CLASSES: dict[str, type[Stage]] = {
-    "encoder": EncoderStage, "tokenizer": TokenizerStage, "rdm": RDMStage, "mage": MAGEStage,
-}
+# The registry's stages (in training order) and their classes.
+STAGE_CLASSES: dict[str, type[Stage]] = {name: stage_class(name) for name in STAGES}
 _CONFIG_FIELDS = {f.name for f in dataclasses.fields(TrainConfig)}
 
 
@@ -115,9 +110,9 @@ def new_pipeline(preset: str = "tiny", *, in_channels: int = 3, overrides: Mappi
                  seed: int = 0) -> RCGPipeline:
     """A freshly initialised pipeline (seeded) from a preset, with config fields overridden per
     section, e.g. ``overrides={"mage": {"depth": 2}}``."""
-    base = RCGPipeline.from_preset(preset, in_channels=in_channels).config.to_dict()
+    base = preset_config(preset, in_channels=in_channels).to_dict()
     for section, values in (overrides or {}).items():
-        if section not in ("encoder", "rdm", "tokenizer", "mage", "defaults", "metadata"):
+        if section not in SECTIONS:
             raise ValueError(f"unknown pipeline section {section!r} in overrides")
         base[section] = {**base[section], **dict(values)}
     config = PipelineConfig.from_dict(base, source=f"preset {preset!r} with overrides")
