@@ -18,16 +18,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import sys
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
+from _common import machine, utc_now, versions
 from torch.utils.flop_counter import FlopCounterMode
 
-from rcg_augment import RCGPipeline, __version__
+from rcg_augment import RCGPipeline
 from rcg_augment.sampling.maskgit import maskgit_decode
 
 RESULTS = Path(__file__).parent / "results"
@@ -179,11 +178,7 @@ def main(argv=None) -> int:
                             end_to_end=False, cfg=args.cfg)
 
     result = {
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "machine": {"platform": platform.platform(), "processor": platform.processor(),
-                    "torch_threads": torch.get_num_threads(), "device": str(device),
-                    "gpu": torch.cuda.get_device_name() if device.type == "cuda" else None},
-        "versions": {"rcg_augment": __version__, "torch": torch.__version__},
+        "date": utc_now(), "machine": machine(device), "versions": versions(),
         "matmul_peak_gflops_s": peak / 1e9,
         "rows": rows,
     }

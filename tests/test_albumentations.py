@@ -20,18 +20,6 @@ from rcg_augment.zoo import available_models
 FAST = {"num_iter": 2, "rdm_steps": 2}
 
 
-@pytest.fixture(scope="module")
-def gray_dir(tmp_path_factory):
-    torch.manual_seed(0)
-    return str(RCGPipeline.from_preset("tiny", in_channels=1).save_pretrained(tmp_path_factory.mktemp("gray")))
-
-
-@pytest.fixture(scope="module")
-def rgb_dir(tmp_path_factory):
-    torch.manual_seed(1)
-    return str(RCGPipeline.from_preset("tiny", in_channels=3).save_pretrained(tmp_path_factory.mktemp("rgb")))
-
-
 def image(shape, dtype=np.uint8, seed=0):
     rng = np.random.default_rng(seed)
     a = rng.integers(0, 256, shape, dtype=np.uint8)

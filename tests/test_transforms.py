@@ -22,18 +22,6 @@ from rcg_augment.zoo import available_models
 FAST = {"num_iter": 2, "rdm_steps": 2}
 
 
-@pytest.fixture(scope="module")
-def gray_dir(tmp_path_factory):
-    torch.manual_seed(0)
-    return str(RCGPipeline.from_preset("tiny", in_channels=1).save_pretrained(tmp_path_factory.mktemp("gray")))
-
-
-@pytest.fixture(scope="module")
-def rgb_dir(tmp_path_factory):
-    torch.manual_seed(1)
-    return str(RCGPipeline.from_preset("tiny", in_channels=3).save_pretrained(tmp_path_factory.mktemp("rgb")))
-
-
 @pytest.fixture(params=["gray", "rgb"])
 def model_dir(request, gray_dir, rgb_dir):
     return gray_dir if request.param == "gray" else rgb_dir
