@@ -11,7 +11,8 @@ import numpy as np
 from torch.utils.data import Dataset
 
 from ..files import sha256_file
-from .build import CACHE_FORMAT, MANIFEST_NAME
+from .cache_files import MANIFEST_NAME
+from .cache_manifest import CACHE_FORMAT
 
 logger = logging.getLogger(__name__)
 
