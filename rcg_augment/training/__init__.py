@@ -21,7 +21,8 @@ _EXPORTS = {
                      "split_options", "train_all", "train_stage"), "api"),
     **dict.fromkeys(("STAGES", "STAGE_REGISTRY", "stage_class"), "registry"),
     **dict.fromkeys(("RECIPES", "Recipe", "get_recipe"), "recipes"),
-    **dict.fromkeys(("Stage", "StepContext", "TrainConfig", "TrainResult", "run_training"), "loop"),
+    **dict.fromkeys(("Stage", "StepContext", "TrainConfig", "TrainResult"), "stage"),
+    "run_training": "loop",
     "EncoderStage": "encoder", "MAGEStage": "mage", "RDMStage": "rdm", "TokenizerStage": "tokenizer",
 }
 

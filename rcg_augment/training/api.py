@@ -23,9 +23,11 @@ import torch
 from ..data.sources import ImageSource, open_source
 from ..pipeline import CONFIG_NAME, PipelineConfig, RCGPipeline
 from ..presets import SECTIONS, preset_config
-from .loop import Stage, TrainConfig, TrainResult, derive_seed, run_training
+from .data_order import derive_seed
+from .loop import run_training
 from .recipes import RECIPES, Recipe, get_recipe
 from .registry import STAGES, stage_class
+from .stage import Stage, TrainConfig, TrainResult
 
 logger = logging.getLogger(__name__)
 

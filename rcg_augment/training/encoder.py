@@ -25,7 +25,7 @@ from .augment import (
     random_solarize,
     resized_crop_flip,
 )
-from .loop import Stage, StepContext
+from .stage import Stage, StepContext
 
 
 class MoCoModel(nn.Module):

@@ -20,7 +20,7 @@ from torch import nn
 from ..models.mage import MAGE, MAGEConfig
 from ..pipeline import RCGPipeline
 from .augment import resized_crop_flip
-from .loop import Stage, StepContext
+from .stage import Stage, StepContext
 
 
 def truncated_normal(

@@ -16,7 +16,7 @@ from torch import nn
 
 from ..pipeline import RCGPipeline
 from .augment import resized_crop_flip
-from .loop import Stage, StepContext
+from .stage import Stage, StepContext
 
 
 @dataclass

@@ -5,7 +5,7 @@ recipe names) while ``rcg-augment build`` runs: the package rule is that nothing
 ``training/`` imports the trainers at run time, and this module imports none of them.
 
 - :data:`STAGE_REGISTRY`: every stage, in training order, with a one-line description and where
-  its :class:`~rcg_augment.training.loop.Stage` subclass lives (imported on first use by
+  its :class:`~rcg_augment.training.stage.Stage` subclass lives (imported on first use by
   :func:`stage_class`). Add a stage: write ``training/<name>.py`` with the subclass, add an
   entry here.
 - :data:`RECIPES`: the named training recipes (defined in :mod:`rcg_augment.training.recipes`).
@@ -44,7 +44,7 @@ STAGES: tuple[str, ...] = tuple(STAGE_REGISTRY)
 
 
 def stage_class(name: str) -> type:
-    """The :class:`~rcg_augment.training.loop.Stage` subclass of stage ``name`` (imports it)."""
+    """The :class:`~rcg_augment.training.stage.Stage` subclass of stage ``name`` (imports it)."""
     if name not in STAGE_REGISTRY:
         raise ValueError(f"unknown stage {name!r}; choose one of {list(STAGES)}")
     module, _, attr = STAGE_REGISTRY[name].target.partition(":")

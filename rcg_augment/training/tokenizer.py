@@ -22,7 +22,8 @@ from torch import nn
 
 from ..pipeline import RCGPipeline
 from .augment import resized_crop_flip
-from .loop import Stage, StepContext, derive_seed
+from .data_order import derive_seed
+from .stage import Stage, StepContext
 
 
 @dataclass
