@@ -17,6 +17,7 @@ from .models.encoder import EncoderConfig
 from .models.mage import MAGEConfig
 from .models.rdm import RDMConfig
 from .models.tokenizer import TokenizerConfig
+from .settings import ADDED_LATER, GenerationSettings
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -28,17 +29,15 @@ class ConfigError(ValueError):
     """A pipeline config (JSON or arguments) that does not describe a valid pipeline."""
 
 
-@dataclass
-class SamplingDefaults:
-    """A model's default generation settings (see :class:`~rcg_augment.settings.GenerationSettings`);
-    every one can be overridden per call."""
+@dataclass(frozen=True)
+class SamplingDefaults(GenerationSettings):
+    """A model's default generation settings, saved in its ``config.json``: the fields of
+    :class:`~rcg_augment.settings.GenerationSettings` (so a new setting is a model default too),
+    validated the same way; every one can be overridden per call. None falls back to the MAGE /
+    RDM configs (``temperature``, ``num_iter``; ``rdm_steps`` from ``rdm.sampling_steps``,
+    ``eta``) or to 1.0 (``repaint_fraction``, the official full repaint)."""
 
-    cfg: float = 0.0
-    temperature: float | None = None  # None: the MAGE config's value
-    num_iter: int | None = None  # None: the MAGE config's value
-    rdm_steps: int | None = None  # None: the RDM config's sampling_steps (its default rdm_steps)
-    eta: float | None = None  # None: the RDM config's eta
-    repaint_fraction: float | None = None  # None: 1.0, the official full repaint
+    cfg: float | None = 0.0
 
 
 @dataclass
@@ -130,7 +129,7 @@ def _dataclass_from_dict(klass, values, where: str):
 
 # Config fields added after models and caches existed: a model's fingerprint hashes them as if
 # absent while they hold this default, so a cache built before the field existed still matches.
-FIELDS_ADDED_LATER = {"defaults": {"repaint_fraction": None}}
+FIELDS_ADDED_LATER = {"defaults": dict.fromkeys(ADDED_LATER)}
 
 
 __all__ = ["CONFIG_NAME", "ConfigError", "FIELDS_ADDED_LATER", "FORMAT_VERSION", "MAX_TIMESTEPS", "PipelineConfig",

@@ -35,6 +35,11 @@ FULL_REPAINT = 1.0
 # Seeds drawn for a call's torch.Generator (a transform's per-call seed, a generator moved to
 # another device) are in [0, SEED_BOUND).
 SEED_BOUND = 2**62
+# Settings added after models and caches existed, each with the value that reproduces what was
+# done before it: a model's fingerprint and a synthetic cache's identity leave such a setting out
+# while it holds that value (None in a model's saved defaults), so models and caches made before
+# it keep their identity.
+ADDED_LATER: dict[str, Any] = {"repaint_fraction": FULL_REPAINT}
 # Draws per variant when the label filter re-draws rejected variants (rcg_augment.label_filter).
 DEFAULT_MAX_ATTEMPTS = 4
 
@@ -156,4 +161,4 @@ class GenerationSettings:
         return self
 
 
-__all__ = ["DEFAULT_MAX_ATTEMPTS", "DEFAULT_NOISE_LEVEL", "FULL_REPAINT", "SEED_BOUND", "GenerationSettings"]
+__all__ = ["ADDED_LATER", "DEFAULT_MAX_ATTEMPTS", "DEFAULT_NOISE_LEVEL", "FULL_REPAINT", "SEED_BOUND", "GenerationSettings"]

@@ -36,7 +36,7 @@ import torch
 from PIL import Image
 
 from ..label_filter import DEFAULT_MAX_ATTEMPTS, PrototypeFilter, reconstruct_with_labels
-from ..settings import FULL_REPAINT, GenerationSettings
+from ..settings import GenerationSettings
 from .cache_files import (
     MANIFEST_NAME,
     PLAN_NAME,
@@ -291,7 +291,7 @@ def build_synthetic(
     pipe, model_name = _resolve_pipeline(pipeline, device)
     resolved = pipe.resolve_settings(cfg=cfg, temperature=temperature, num_iter=num_iter, rdm_steps=rdm_steps,
                                      repaint_fraction=repaint_fraction)  # validated, defaults resolved
-    settings = identity_settings(resolved)
+    settings = identity_settings(resolved.to_dict())
     size, channels = pipe.image_size, pipe.in_channels
     sel = _select_sources(source, shots, seed, size, channels)
     prototypes = _prototypes(pipe, sel, batch_size) if label_filter else None
@@ -306,10 +306,9 @@ def build_synthetic(
             "indices_sha256": hashlib.sha256(np.asarray(sel.indices, dtype="<i8").tobytes()).hexdigest(),
         },
         "generation": {"variants_per_image": K, "noise_levels": levels, **settings,
-                       "requested": {"cfg": cfg, "temperature": temperature, "num_iter": num_iter,
-                                     "rdm_steps": rdm_steps,
-                                     **({"repaint_fraction": repaint_fraction}
-                                        if repaint_fraction not in (None, FULL_REPAINT) else {})},
+                       "requested": identity_settings({
+                           "cfg": cfg, "temperature": temperature, "num_iter": num_iter, "rdm_steps": rdm_steps,
+                           "repaint_fraction": repaint_fraction}, requested=True),
                        **({"label_filter": {"prototypes": "mean representation of each class's sources",
                                             "max_attempts": int(max_attempts)}} if label_filter else {})},
         "seed": int(seed),

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..settings import FULL_REPAINT, GenerationSettings
+from ..settings import ADDED_LATER
 from .cache_files import (
     MANIFEST_NAME,
     PLAN_NAME,
@@ -100,12 +100,15 @@ def check_plan(out_dir: Path, plan: dict) -> None:
         return
 
 
-def identity_settings(settings: GenerationSettings) -> dict:
-    """Resolved settings as a cache records them. ``repaint_fraction`` at its official 1.0 is
-    left out, so caches built before the knob existed keep their identity."""
-    out = settings.to_dict()
-    if out["repaint_fraction"] == FULL_REPAINT:
-        del out["repaint_fraction"]
+def identity_settings(settings: dict, *, requested: bool = False) -> dict:
+    """Generation settings as a cache records them: resolved (every field), or (``requested``)
+    as the caller gave them, None where not given. A setting added later (``ADDED_LATER``:
+    ``repaint_fraction``) is left out at the value that does what was done before it (1.0; also
+    None when ``requested``), so caches built before it existed keep their identity."""
+    out = dict(settings)
+    for name, value in ADDED_LATER.items():
+        if out[name] in ((None, value) if requested else (value,)):
+            del out[name]
     return out
 
 
