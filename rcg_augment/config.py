@@ -25,6 +25,10 @@ FORMAT_VERSION = 1
 MAX_TIMESTEPS = 100_000  # official RDM: 1000
 
 
+# The config sections that are networks, named as RCGPipeline's modules.
+NETWORKS = ("encoder", "rdm", "tokenizer", "mage")
+
+
 class ConfigError(ValueError):
     """A pipeline config (JSON or arguments) that does not describe a valid pipeline."""
 
@@ -132,5 +136,5 @@ def _dataclass_from_dict(klass, values, where: str):
 FIELDS_ADDED_LATER = {"defaults": dict.fromkeys(ADDED_LATER)}
 
 
-__all__ = ["CONFIG_NAME", "ConfigError", "FIELDS_ADDED_LATER", "FORMAT_VERSION", "MAX_TIMESTEPS", "PipelineConfig",
+__all__ = ["CONFIG_NAME", "ConfigError", "FIELDS_ADDED_LATER", "FORMAT_VERSION", "MAX_TIMESTEPS", "NETWORKS", "PipelineConfig",
            "SamplingDefaults", "WEIGHTS_NAME"]

@@ -20,13 +20,13 @@ import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from .config import PipelineConfig
+from .config import NETWORKS, PipelineConfig
 from .models.encoder import ENCODER_PRESETS
 from .models.mage import MAGE_PRESETS
 from .models.rdm import RDM_PRESETS
 from .models.tokenizer import TOKENIZER_PRESETS
 
-SECTIONS = ("encoder", "rdm", "tokenizer", "mage", "defaults", "metadata")
+SECTIONS = (*NETWORKS, "defaults", "metadata")
 
 
 @dataclass(frozen=True)

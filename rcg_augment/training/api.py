@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from ..config import NETWORKS
 from ..data.sources import ImageSource, open_source
 from ..pipeline import CONFIG_NAME, PipelineConfig, RCGPipeline
 from ..presets import SECTIONS, preset_config
@@ -131,18 +132,17 @@ def reinitialise(pipe: RCGPipeline, stages: Sequence[str], overrides: Mapping | 
     Use it to retrain one stage with another configuration on top of trained ones, e.g. a MAGE
     with ``{"mage": {"depth": 6}}`` over a trained encoder and tokenizer.
     """
-    for name in stages:
-        _check_stage(name)
+    networks = {STAGE_CLASSES[_check_stage(name)].network or name for name in stages}
     data = pipe.config.to_dict()
     for section, values in (overrides or {}).items():
-        if section in stages or section == "defaults":
+        if section in networks or section == "defaults":
             data[section] = {**data[section], **dict(values)}
     config = PipelineConfig.from_dict(data, source=f"re-initialised {list(stages)}")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(derive_seed(seed, "pipeline-init"))
         fresh = RCGPipeline(config)
-    for name in STAGES:
-        if name not in stages:
+    for name in NETWORKS:
+        if name not in networks:
             getattr(fresh, name).load_state_dict(getattr(pipe, name).state_dict())
     return fresh.to(pipe.device)
 

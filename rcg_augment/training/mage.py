@@ -100,6 +100,7 @@ class MAGEStage(Stage):
     hflip: bool = False
 
     name = "mage"
+    network = "mage"
     lr_scaling = "per256"
     default_blr = 1.5e-4
     default_weight_decay = 0.05

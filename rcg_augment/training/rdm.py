@@ -33,6 +33,7 @@ class RDMStage(Stage):
     hflip: bool = True
 
     name = "rdm"
+    network = "rdm"
     lr_scaling = "linear"  # official main_rdm.py: lr = blr * effective batch (no / 256)
     default_blr = 1e-6
     default_weight_decay = 0.01

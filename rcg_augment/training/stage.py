@@ -137,6 +137,7 @@ class Stage:
     where needed, :meth:`finish`, :meth:`after_step`, :meth:`ema_decay_at`."""
 
     name: ClassVar[str] = "stage"
+    network: ClassVar[str | None] = None  # the pipeline network it trains (None: the one named `name`)
     lr_scaling: ClassVar[str] = "per256"  # "per256": blr * batch / 256; "linear": blr * batch
     default_blr: ClassVar[float] = 1.5e-4
     default_weight_decay: ClassVar[float] = 0.05

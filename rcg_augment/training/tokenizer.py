@@ -48,6 +48,7 @@ class TokenizerStage(Stage):
     pool_per_process: int = 1024
 
     name = "tokenizer"
+    network = "tokenizer"
     lr_scaling = "per256"
     default_blr = 1e-3
     default_weight_decay = 0.0
