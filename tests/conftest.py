@@ -4,8 +4,9 @@ Set before any test module imports huggingface_hub or datasets (both read these 
 offline mode, and a fresh HF_HOME (Hub cache, datasets cache) per test session.
 
 Fixtures every folder uses: ``one_torch_thread``; ``gray_dir`` / ``rgb_dir``, random tiny
-pipelines (1 and 3 channels) saved once per session; ``record_hashes`` (in
-``tests/cache_records.py``) hashes a synthetic cache record by record.
+pipelines (1 and 3 channels) saved once per session; ``spy_reconstruct`` records a pipeline's
+``reconstruct`` calls. ``record_hashes`` (in ``tests/cache_records.py``) hashes a synthetic cache
+record by record.
 """
 
 from __future__ import annotations
@@ -56,6 +57,25 @@ def gray_dir(tmp_path_factory) -> str:
 def rgb_dir(tmp_path_factory) -> str:
     """A random tiny 3-channel pipeline (seed 1), saved: its folder. Tests read it, never write it."""
     return _save_tiny(tmp_path_factory, "tiny-rgb", 1, 3)
+
+
+@pytest.fixture
+def spy_reconstruct(monkeypatch):
+    """``calls = spy_reconstruct(pipe)``: from then on each ``pipe.reconstruct`` call appends
+    (input shape, noise levels) to ``calls`` and runs as usual."""
+    import torch
+
+    def install(pipe) -> list:
+        calls, real = [], pipe.reconstruct
+
+        def spy(images, noise_level, **kwargs):
+            calls.append((tuple(images.shape), torch.as_tensor(noise_level).clone()))
+            return real(images, noise_level, **kwargs)
+
+        monkeypatch.setattr(pipe, "reconstruct", spy)
+        return calls
+
+    return install
 
 
 def pytest_unconfigure(config):
