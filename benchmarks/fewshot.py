@@ -35,23 +35,21 @@ import hashlib
 import json
 import logging
 import math
-import os
-import platform
 import signal
 import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
-from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from _common import machine, utc_now, versions
 from torch import nn
 from torchvision.transforms import v2
 
-from rcg_augment import RCGAugment, RCGPipeline, RepresentationAugment, __version__
+from rcg_augment import RCGAugment, RCGPipeline, RepresentationAugment
 from rcg_augment.data import SyntheticDataset, build_synthetic, open_source, pil_to_tensor
 from rcg_augment.data.splits import SPLIT_SEED, TEST_FRACTION, benchmark_split, indices_sha256
 
@@ -451,7 +449,10 @@ def run_dataset(d: DatasetData, pipe: RCGPipeline, s: Settings, cache_root: Path
     want_probe = any(a.startswith("probe") for a in s.arms)
     cache_arms = [a for a in s.arms if a.startswith(CACHE_PREFIX)]
     shots_list = s.shots[d.name]
-    result = {"shots": {}, "tuning": {}, "test_size": len(d.test), "pool_size": len(d.pool)}
+    result = {"shots": {}, "tuning": {}, "test_size": len(d.test), "pool_size": len(d.pool),
+              # the settings every RCG arm ran with, the model's defaults filled in
+              "generation": pipe.resolve_settings(cfg=s.cfg, temperature=s.temperature, num_iter=s.num_iter,
+                                                  rdm_steps=s.rdm_steps).to_dict()}
     t0 = time.perf_counter()
     for k in shots_list:
         result["tuning"][str(k)] = tune(d, k, s, reps)
@@ -605,27 +606,6 @@ def plot(report: dict, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
-
-
-def machine() -> dict:
-    info = {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-            "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-            "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
-            "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
-    info["summary"] = f"{info['processor']}, {info['cpu_count']} CPUs, {info['torch_threads']} torch threads" + (
-        f", {info['gpu']}" if info["gpu"] else "")
-    return info
-
-
-def versions() -> dict:
-    import matplotlib
-    import scipy
-    import sklearn
-    import torchvision
-
-    return {"rcg_augment": __version__, "torch": torch.__version__, "torchvision": torchvision.__version__,
-            "numpy": np.__version__, "scikit-learn": sklearn.__version__, "scipy": scipy.__version__,
-            "matplotlib": matplotlib.__version__, "python": platform.python_version()}
 
 
 # ============================================================================== command line
@@ -784,8 +764,8 @@ def main(argv=None) -> int:
         if args.split_only:
             return 0
 
-    report = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "machine": machine(),
-              "versions": versions(), "settings": asdict(s), "command": " ".join(sys.argv), "datasets": {}}
+    report = {"date": utc_now(), "machine": machine(), "settings": asdict(s), "command": " ".join(sys.argv),
+              "versions": versions("torchvision", "numpy", "sklearn", "scipy", "matplotlib"), "datasets": {}}
     stem = "fewshot_quick" if s.quick else "fewshot"
     args.out_dir.mkdir(parents=True, exist_ok=True)
     json_path, md_path, png_path = (args.out_dir / f"{stem}.{ext}" for ext in ("json", "md", "png"))

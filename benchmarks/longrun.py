@@ -20,13 +20,11 @@ import _thread
 import argparse
 import json
 import os
-import platform
 import statistics
 import sys
 import tempfile
 import threading
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
 RESULTS = Path(__file__).parent / "results"
@@ -164,8 +162,8 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
 
     import torch
+    from _common import command, machine, utc_now, versions
 
-    import rcg_augment
     from rcg_augment.data import build_synthetic, open_source
 
     torch.set_num_threads(args.threads)
@@ -205,11 +203,7 @@ def main(argv=None) -> int:
         print(f"build incomplete: {done} of {n_records} records", file=sys.stderr)
         return 1
     result = {
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "command": " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]),
-        "rcg_augment": rcg_augment.__version__, "torch": torch.__version__, "python": platform.python_version(),
-        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-                    "omp_num_threads": os.environ.get("OMP_NUM_THREADS"), "nice": os.nice(0)},
+        "date": utc_now(), "command": command("longrun.py", argv), "versions": versions(), "machine": machine(),
         "model": model_desc,
         "stopped_early": stopped_early,
         "variants_done": done,

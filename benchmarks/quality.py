@@ -32,13 +32,13 @@ import argparse
 import json
 import sys
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
 import torch
+from _common import command, utc_now, versions
 
-from rcg_augment import RCGPipeline, __version__
+from rcg_augment import RCGPipeline
 from rcg_augment.data import open_source, pil_to_tensor
 from rcg_augment.data.contact_sheet import contact_sheet
 from rcg_augment.data.splits import benchmark_split
@@ -238,11 +238,10 @@ def main(argv=None) -> int:
         stem = args.name or f"fidelity_{Path(str(args.model or 'quick')).name}"
         out_dir = Path(args.out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
-        result = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "model": args.model or "random tiny",
+        result = {"date": utc_now(), "model": args.model or "random tiny",
                   "data": args.data, "held_out_test_images": len(test_idx),
                   "settings": pipe.resolve_settings(**settings).to_dict(), "fidelity": fidelity,
-                  "seconds": time.time() - t0, "command": "python benchmarks/quality.py "
-                  + " ".join(argv if argv is not None else sys.argv[1:])}
+                  "seconds": time.time() - t0, "command": command("quality.py", argv)}
         (out_dir / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
         print_fidelity(fidelity)
         print(f"\nJSON: {out_dir / f'{stem}.json'}  ({result['seconds']:.0f} s)")
@@ -293,7 +292,7 @@ def main(argv=None) -> int:
     sheet = contact_sheet(sheet_sources, sheet_variants, out_dir / f"{stem}.png", row_labels=labels)
 
     result = {
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "model": args.model or "random tiny",
+        "date": utc_now(), "model": args.model or "random tiny",
         "model_metadata": {k: v for k, v in pipe.config.metadata.items() if k != "official"},
         "data": args.data, "classes": args.classes, "held_out_test_images": len(test_idx),
         "sources": len(src), "variants_per_source": args.variants,
@@ -301,8 +300,8 @@ def main(argv=None) -> int:
         "pixel_classifier_real_test_accuracy": real_acc if clf is not None else None,
         "fidelity": fidelity,
         "per_noise_level": per_level, "frechet_distance_encoder_space": fd, "contact_sheet": str(sheet),
-        "seconds": time.time() - t0, "versions": {"rcg_augment": __version__, "torch": torch.__version__},
-        "command": "python benchmarks/quality.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "seconds": time.time() - t0, "versions": versions(),
+        "command": command("quality.py", argv),
     }
     (out_dir / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
 
@@ -373,11 +372,11 @@ def anchoring_surface(args, argv, pipe, clf, src, labels, levels, settings, t0) 
                  f"{ {k: v for k, v in settings.items() if v is not None} }", fontsize=9)
     fig.tight_layout()
     fig.savefig(out_dir / f"{stem}.png", dpi=110)
-    result = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "model": args.model or "random tiny",
+    result = {"date": utc_now(), "model": args.model or "random tiny",
               "data": args.data, "sources": len(src), "variants_per_source": n,
               "settings": pipe.resolve_settings(**{k: v for k, v in settings.items() if k != "repaint_fraction"})
               .to_dict(), "surface": list(grid.values()), "seconds": time.time() - t0,
-              "command": "python benchmarks/quality.py " + " ".join(argv if argv is not None else sys.argv[1:])}
+              "command": command("quality.py", argv)}
     (out_dir / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
     print("| noise_level | repaint_fraction | label preservation | RMS to source | RMS between variants |")
     print("|---|---|---|---|---|")

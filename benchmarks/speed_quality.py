@@ -19,16 +19,15 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import platform
 import sys
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
 import torch
+from _common import command, machine, utc_now, versions
 
-from rcg_augment import RCGPipeline, __version__
+from rcg_augment import RCGPipeline
 from rcg_augment.data import open_source, pil_to_tensor
 from rcg_augment.data.splits import benchmark_split
 
@@ -144,10 +143,10 @@ def main(argv=None) -> int:
     t_start = time.time()
     grid = list(itertools.product(parse_floats(args.cfg), parse_ints(args.num_iter), parse_ints(args.rdm_steps)))
     for i, (cfg, num_iter, rdm_steps) in enumerate(grid):
-        row = {"cfg": cfg, "num_iter": num_iter, "rdm_steps": rdm_steps}
+        resolved = pipe.resolve_settings(cfg=cfg, num_iter=num_iter, rdm_steps=rdm_steps).to_dict()
+        row = {"cfg": cfg, "num_iter": num_iter, "rdm_steps": rdm_steps, "settings": resolved}
         row.update(measure(pipe, x, y, clf, noise_level=args.noise_level, variants=args.variants,
-                           batch_size=args.batch_size, seed=args.seed, cfg=cfg, num_iter=num_iter,
-                           rdm_steps=rdm_steps))
+                           batch_size=args.batch_size, seed=args.seed, **resolved))
         rows.append(row)
         lp = f"{row['label_preservation']:.3f}" if "label_preservation" in row else "n/a"
         print(f"[{i + 1}/{len(grid)}] cfg {cfg:g} num_iter {num_iter:2d} rdm_steps {rdm_steps:3d}: "
@@ -159,15 +158,12 @@ def main(argv=None) -> int:
     out_dir.mkdir(parents=True, exist_ok=True)
     stem = out_dir / (args.name or f"speed_quality_{name}")
     result = {
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-                    "torch_threads": torch.get_num_threads()},
+        "date": utc_now(), "machine": machine(),
         "model": args.model or "random tiny", "data": args.data, "noise_level": args.noise_level,
         "sources": len(x), "variants": args.variants, "batch_size": args.batch_size,
         "pixel_classifier_real_accuracy": real_acc if clf is not None else None,
         "rows": rows, "seconds": time.time() - t_start,
-        "versions": {"rcg_augment": __version__, "torch": torch.__version__},
-        "command": "python benchmarks/speed_quality.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "versions": versions(), "command": command("speed_quality.py", argv),
     }
     stem.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
     lines = [f"Speed vs quality of `{result['model']}` on {args.data} held-out images "

@@ -18,17 +18,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import sys
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
+from _common import machine, utc_now, versions
 from torch.utils.flop_counter import FlopCounterMode
 
-from rcg_augment import RCGPipeline, __version__
-from rcg_augment.sampling.diffusion import DDIMSampler
+from rcg_augment import RCGPipeline
 from rcg_augment.sampling.maskgit import maskgit_decode
 
 RESULTS = Path(__file__).parent / "results"
@@ -74,7 +72,7 @@ def stage_fns(pipe: RCGPipeline, batch: int, cfg: float, temperature: float):
     rep = torch.randn(batch, pipe.config.rdm.rep_dim, device=device)
     grid = pipe.config.tokenizer.grid_size
     tokens = torch.randint(0, pipe.config.mage.codebook_size, (batch, grid, grid), device=device)
-    sampler = DDIMSampler(pipe.schedule, pipe.config.rdm.sampling_steps, pipe.config.rdm.eta)
+    sampler = pipe.sampler()  # the model's default rdm_steps and eta
     t_mid = sampler.timesteps[len(sampler.timesteps) // 2].to(device).expand(batch)
 
     def encoder():
@@ -180,11 +178,7 @@ def main(argv=None) -> int:
                             end_to_end=False, cfg=args.cfg)
 
     result = {
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "machine": {"platform": platform.platform(), "processor": platform.processor(),
-                    "torch_threads": torch.get_num_threads(), "device": str(device),
-                    "gpu": torch.cuda.get_device_name() if device.type == "cuda" else None},
-        "versions": {"rcg_augment": __version__, "torch": torch.__version__},
+        "date": utc_now(), "machine": machine(device), "versions": versions(),
         "matmul_peak_gflops_s": peak / 1e9,
         "rows": rows,
     }

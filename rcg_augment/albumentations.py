@@ -25,19 +25,16 @@ from albumentations.core.transforms_interface import BaseTransformInitSchema, Im
 from albumentations.core.utils import format_args
 from pydantic import field_validator
 
-from .pipeline import RCGPipeline
-from .settings import DEFAULT_NOISE_LEVEL
-from .transforms import (
+from .frontend import (
     ModelHandle,
     augment_batch,
     batch_to_numpy,
     check_device,
     check_noise_level,
-    check_sampling_settings,
     numpy_to_batch,
 )
-
-_SEED_BOUND = 2**62
+from .pipeline import RCGPipeline
+from .settings import DEFAULT_NOISE_LEVEL, SEED_BOUND, GenerationSettings
 
 
 class _Shown:
@@ -106,7 +103,7 @@ class RCGAugment(ImageOnlyTransform):
         @classmethod
         def _settings(cls, value: Any, info) -> Any:
             try:
-                return check_sampling_settings(**{info.field_name: value})[info.field_name]
+                return getattr(GenerationSettings(**{info.field_name: value}), info.field_name)
             except TypeError as err:
                 raise ValueError(str(err)) from err
 
@@ -151,9 +148,9 @@ class RCGAugment(ImageOnlyTransform):
         return f"{type(self).__name__}({format_args(state)})"
 
     @property
-    def _settings(self) -> dict:
-        return {"cfg": self.cfg, "temperature": self.temperature, "num_iter": self.num_iter,
-                "rdm_steps": self.rdm_steps, "repaint_fraction": self.repaint_fraction}
+    def _settings(self) -> GenerationSettings:
+        return GenerationSettings(cfg=self.cfg, temperature=self.temperature, num_iter=self.num_iter,
+                                  rdm_steps=self.rdm_steps, repaint_fraction=self.repaint_fraction)
 
     def get_params_dependent_on_data(self, params: dict[str, Any], data: dict[str, Any]) -> dict[str, Any]:
         n = 1
@@ -165,7 +162,7 @@ class RCGAugment(ImageOnlyTransform):
             levels = self.random_generator.uniform(self.noise_level[0], self.noise_level[1], size=n)
         else:
             levels = np.full(n, float(self.noise_level))
-        return {"noise_levels": levels, "seed": int(self.random_generator.integers(0, _SEED_BOUND))}
+        return {"noise_levels": levels, "seed": int(self.random_generator.integers(0, SEED_BOUND))}
 
     def _run(self, batch: np.ndarray, noise_levels: np.ndarray, seed: int, shape: tuple | None = None) -> np.ndarray:
         tensor, info = numpy_to_batch(batch, shape=shape)

@@ -21,7 +21,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from .pipeline import CONFIG_NAME, WEIGHTS_NAME
+from .config import CONFIG_NAME, WEIGHTS_NAME
 from .settings import DEFAULT_NOISE_LEVEL
 
 logger = logging.getLogger(__name__)

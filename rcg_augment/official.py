@@ -1,4 +1,4 @@
-"""The authors' checkpoint files -> this package's modules.
+"""The authors' checkpoint files -> a pipeline config and a state dict.
 
 Each official file has one converter, a pure ``state_dict -> Converted`` function (in the manner
 of timm's ``checkpoint_filter_fn``). A converter maps every key it knows to this package's
@@ -7,12 +7,16 @@ names, sets aside the keys the official code stores but never uses (each with it
 dropped silently. Files are read with ``torch.load(weights_only=True)``; the only class beyond
 tensors and containers those files hold is ``argparse.Namespace`` (the training arguments),
 which is allow-listed.
+
+:func:`read_official_files` turns a set of files into a :class:`~rcg_augment.config.PipelineConfig`
+and one state dict, checking every part (and every embedded copy) against the modules the config
+describes; :meth:`RCGPipeline.from_official <rcg_augment.pipeline.RCGPipeline.from_official>`
+builds the pipeline from them. Nothing here imports the pipeline.
 """
 
 from __future__ import annotations
 
 import argparse
-import hashlib
 import os
 import pickle
 import re
@@ -23,7 +27,15 @@ from typing import NamedTuple
 
 import torch
 
+from .config import PipelineConfig
+from .files import sha256_file
+from .models.encoder import RepresentationEncoder
+from .models.mage import MAGE
+from .models.rdm import RepresentationDenoiser
+from .models.tokenizer import VQTokenizer
+from .presets import preset_config
 from .sampling.diffusion import NoiseSchedule
+from .state_dicts import compare_state
 
 # Provenance of the official weights (README and model metadata say the same).
 OFFICIAL_SOURCES = {
@@ -272,16 +284,13 @@ def _weights(obj: dict, kind: str, path: Path, use_ema: bool) -> dict[str, torch
     return _tensors(inner, "the weights")
 
 
-def sha256_file(path: str | os.PathLike, chunk: int = 1 << 24) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
-
-
 def convert_official_file(path: str | os.PathLike, kind: str, *, pipeline=None, use_ema: bool = True) -> Converted:
-    """Read one official file of ``kind`` ("encoder" | "rdm" | "mage" | "tokenizer") and convert it."""
+    """Read one official file of ``kind`` ("encoder" | "rdm" | "mage" | "tokenizer") and convert it.
+
+    ``pipeline``: for ``kind="rdm"``, the :class:`~rcg_augment.RCGPipeline` or
+    :class:`~rcg_augment.config.PipelineConfig` the weights are meant for (its RDM's key names and
+    noise schedule); the other kinds need nothing.
+    """
     if kind not in IGNORED:
         raise ValueError(f"`kind` must be one of {sorted(IGNORED)}, got {kind!r}")
     path = Path(path)
@@ -292,8 +301,12 @@ def convert_official_file(path: str | os.PathLike, kind: str, *, pipeline=None, 
             return convert_mocov3_encoder(sd)
         if kind == "rdm":
             if pipeline is None:
-                raise ValueError("convert_official_file(kind='rdm') needs the `pipeline` it will load into")
-            return convert_rdm(sd, network_keys=list(pipeline.rdm.state_dict()), schedule=pipeline.schedule,
+                raise ValueError("convert_official_file(kind='rdm') needs `pipeline`: the RCGPipeline or "
+                                 "PipelineConfig it will load into")
+            rdm_config = getattr(pipeline, "config", pipeline).rdm
+            with torch.device("meta"):  # the key names only: no memory
+                network_keys = list(RepresentationDenoiser(rdm_config).state_dict())
+            return convert_rdm(sd, network_keys=network_keys, schedule=NoiseSchedule.from_config(rdm_config),
                                use_ema=use_ema)
         if kind == "mage":
             return convert_mage(sd)
@@ -302,35 +315,32 @@ def convert_official_file(path: str | os.PathLike, kind: str, *, pipeline=None, 
         raise OfficialCheckpointError(f"{path} (passed as `{kind}`): {err}") from err
 
 
-def _check_part(module: torch.nn.Module, state: dict[str, torch.Tensor], *, part: str, path: Path, arch: str,
-                origins: Mapping[str, str] | None = None, embedded: bool = False) -> None:
-    """Raise :class:`OfficialCheckpointError` unless ``state`` has exactly ``module``'s keys, each of
-    its shape and kind (floating point or integer). ``origins`` maps keys back to the file's names
-    (so the message names the key as stored); ``embedded`` marks a copy another file carries."""
-    own = module.state_dict()
+def _check_part(own: Mapping[str, torch.Tensor], state: dict[str, torch.Tensor], *, part: str, path: Path,
+                arch: str, origins: Mapping[str, str] | None = None, embedded: bool = False) -> None:
+    """Raise :class:`OfficialCheckpointError` unless ``state`` has exactly the keys of ``own`` (the
+    module's state dict), each of its shape and kind (floating point or integer). ``origins`` maps
+    keys back to the file's names (so the message names the key as stored); ``embedded`` marks a
+    copy another file carries."""
     origins = origins or {}
 
     def named(k: str) -> str:
         return k if origins.get(k, k) == k else f"{k} (stored as {origins[k]})"
 
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
-    wrong = sorted(k for k in set(own) & set(state) if tuple(own[k].shape) != tuple(state[k].shape))
-    kind = sorted(k for k in set(own) & set(state)
-                  if k not in wrong and own[k].is_floating_point() != state[k].is_floating_point())
-    if missing or unexpected or wrong or kind:
+    diff = compare_state(own, state)
+    if diff:
         what = f"the {part} copy it embeds does" if embedded else f"its {part} weights do"
         lines = [f"{path}: {what} not fit the official arch={arch!r} {part}."]
-        if wrong:
+        if diff.wrong_shape:
             lines.append("Wrong shapes (expected vs found): " + "; ".join(
-                f"{named(k)} {tuple(own[k].shape)} vs {tuple(state[k].shape)}" for k in wrong[:5]))
-        if kind:
+                "{} {} vs {}".format(named(k), *diff.shapes(k)) for k in diff.wrong_shape[:5]))
+        if diff.wrong_kind:
             lines.append("Wrong dtypes (expected vs found): " + "; ".join(
-                f"{named(k)} {own[k].dtype} vs {state[k].dtype}" for k in kind[:5]))
-        if missing:
-            lines.append(f"Expected but not found ({len(missing)}): {_sample(missing)}")
-        if unexpected:
-            lines.append(f"Found but not expected ({len(unexpected)}): {_sample([named(k) for k in unexpected])}")
+                f"{named(k)} {own[k].dtype} vs {state[k].dtype}" for k in diff.wrong_kind[:5]))
+        if diff.missing:
+            lines.append(f"Expected but not found ({len(diff.missing)}): {_sample(diff.missing)}")
+        if diff.unexpected:
+            lines.append(f"Found but not expected ({len(diff.unexpected)}): "
+                         f"{_sample([named(k) for k in diff.unexpected])}")
         lines.append("Check that the file is the right one and that `arch` ('base' or 'large') matches it.")
         if embedded:
             lines.append(f"(Embedded copies are checked even when a separate `{part}=` file is loaded: "
@@ -338,36 +348,38 @@ def _check_part(module: torch.nn.Module, state: dict[str, torch.Tensor], *, part
         raise OfficialCheckpointError(" ".join(lines))
 
 
-def load_official_pipeline(
+# The preset each official `arch` is, and the module each pipeline part is.
+ARCH_PRESETS = {"base": "rcg-b", "large": "rcg-l"}
+_PART_MODULES = {"encoder": RepresentationEncoder, "rdm": RepresentationDenoiser, "mage": MAGE,
+                 "tokenizer": VQTokenizer}
+
+
+class OfficialFiles(NamedTuple):
+    """What :func:`read_official_files` returns: the pipeline's config (metadata with the files'
+    provenance) and its full state dict (``encoder.*``, ``rdm.*``, ``tokenizer.*``, ``mage.*``)."""
+
+    config: PipelineConfig
+    state_dict: dict[str, torch.Tensor]
+
+
+def read_official_files(
     *, encoder: str | os.PathLike | None = None, rdm: str | os.PathLike | None = None,
     mage: str | os.PathLike | None = None, tokenizer: str | os.PathLike | None = None, arch: str = "base",
-    use_ema: bool = True, device: str | torch.device | None = None, verify_sha256: bool = True,
-):
-    """An :class:`~rcg_augment.RCGPipeline` from the authors' checkpoint files.
+    use_ema: bool = True, verify_sha256: bool = True,
+) -> OfficialFiles:
+    """The authors' checkpoint files -> the config and state dict of an RCG pipeline.
 
-    Args:
-        encoder: MoCo v3 file (``vit-b-300ep.pth.tar`` or RCG's ViT-L file). Optional when the
-            RDM or MAGE file is given: both embed a copy of the encoder.
-        rdm: RDM file (``.pth``), required.
-        mage: MAGE file (``.pth``), required; it embeds the encoder and the VQGAN too.
-        tokenizer: ``vqgan_jax_strongaug.ckpt``; optional (MAGE's embedded copy is used otherwise).
-        arch: ``"base"`` (ViT-B encoder, MAGE-B) or ``"large"``.
-        use_ema: take EMA weights where a file has them (the official evaluation does).
-        verify_sha256: record each file's sha256 in the pipeline metadata.
-
-    Example::
-
-        pipe = RCGPipeline.from_official(rdm="rdm-mocov3vitb.pth", mage="mage-vitb.pth", arch="base")
+    The arguments are those of :meth:`RCGPipeline.from_official
+    <rcg_augment.pipeline.RCGPipeline.from_official>`, which builds the pipeline from the result.
+    Each part comes from its own file when given, else from a copy another file embeds; every
+    copy found is checked against the part's module (built on the meta device: no memory).
     """
-    from .pipeline import RCGPipeline
-
-    presets = {"base": "rcg-b", "large": "rcg-l"}
-    if arch not in presets:
+    if arch not in ARCH_PRESETS:
         raise ValueError(f"`arch` must be 'base' or 'large', got {arch!r}")
     if rdm is None or mage is None:
         raise ValueError("from_official needs at least `rdm=` and `mage=` files (the encoder and tokenizer are "
                          "embedded in the MAGE file and may be given separately)")
-    pipe = RCGPipeline.from_preset(presets[arch])
+    config = preset_config(ARCH_PRESETS[arch])
     files = {"encoder": encoder, "rdm": rdm, "mage": mage, "tokenizer": tokenizer}
     # Where each part comes from, best first: its own file, then the copies other files embed.
     candidates: dict[str, list[tuple[Path, str, dict, dict]]] = {p: [] for p in files}
@@ -376,33 +388,31 @@ def load_official_pipeline(
         if files[kind] is None:
             continue
         path = Path(files[kind])
-        converted = convert_official_file(path, kind, pipeline=pipe, use_ema=use_ema)
+        converted = convert_official_file(path, kind, pipeline=config, use_ema=use_ema)
         for part, state in converted.parts.items():
             candidates[part].append((path, kind, state, (converted.origins or {}).get(part, {})))
-    provenance = {}
+    provenance, full_state = {}, {}
     for part in ("encoder", "rdm", "mage", "tokenizer"):
         if not candidates[part]:
             raise ValueError(f"no {part} weights: pass `{part}=` (no given file embeds them)")
-        module = getattr(pipe, part)
+        with torch.device("meta"):
+            own = _PART_MODULES[part](getattr(config, part)).state_dict()
         # The copies not loaded are checked too: a damaged embedded key must not pass unnoticed
         # just because a separate file stood in for it.
         for path, kind, state, origins in candidates[part]:
-            _check_part(module, state, part=part, path=path, arch=arch, origins=origins, embedded=kind != part)
+            _check_part(own, state, part=part, path=path, arch=arch, origins=origins, embedded=kind != part)
         path, _, state, _ = candidates[part][0]
-        module.load_state_dict(state, strict=True)
+        full_state.update({f"{part}.{k}": v for k, v in state.items()})
         provenance[part] = {**OFFICIAL_SOURCES[part], "file": path.name}
         if verify_sha256:
             provenance[part]["sha256"] = sha256_file(path)
-    pipe.config.metadata.update({"preset": presets[arch], "official": provenance,
-                                 "license": "encoder weights CC BY-NC 4.0 (MoCo v3); RCG/MAGE MIT"})
-    pipe.eval()
-    if device is not None:
-        pipe.to(device)
-    return pipe
+    config.metadata.update({"preset": ARCH_PRESETS[arch], "official": provenance,
+                            "license": "encoder weights CC BY-NC 4.0 (MoCo v3); RCG/MAGE MIT"})
+    return OfficialFiles(config, full_state)
 
 
 __all__ = [
-    "IGNORED", "OFFICIAL_SOURCES", "Converted", "OfficialCheckpointError", "convert_mage", "convert_mocov3_encoder",
-    "convert_official_file", "convert_rdm", "convert_vqgan", "load_checkpoint", "load_official_pipeline",
-    "rdm_ema_key", "sha256_file",
+    "ARCH_PRESETS", "IGNORED", "OFFICIAL_SOURCES", "Converted", "OfficialCheckpointError", "OfficialFiles",
+    "convert_mage", "convert_mocov3_encoder", "convert_official_file", "convert_rdm", "convert_vqgan",
+    "load_checkpoint", "rdm_ema_key", "read_official_files",
 ]

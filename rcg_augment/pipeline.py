@@ -7,15 +7,12 @@ dataset builder and the CLI call.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import hashlib
 import json
 import logging
 import os
 import threading
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -23,140 +20,27 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .models.encoder import ENCODER_PRESETS, EncoderConfig, RepresentationEncoder
-from .models.mage import MAGE, MAGE_PRESETS, MAGEConfig
-from .models.rdm import RDM_PRESETS, RDMConfig, RepresentationDenoiser
-from .models.tokenizer import TOKENIZER_PRESETS, TokenizerConfig, VQTokenizer
+from .config import (
+    CONFIG_NAME,
+    FIELDS_ADDED_LATER,
+    WEIGHTS_NAME,
+    ConfigError,
+    PipelineConfig,
+    SamplingDefaults,
+)
+from .files import sha256_file
+from .models.encoder import RepresentationEncoder
+from .models.mage import MAGE
+from .models.rdm import RepresentationDenoiser
+from .models.tokenizer import VQTokenizer
+from .official import read_official_files
+from .presets import PIPELINE_PRESETS, preset_config
 from .sampling.diffusion import DDIMSampler, NoiseSchedule
 from .sampling.maskgit import keep_source_tokens, maskgit_decode
-from .settings import DEFAULT_NOISE_LEVEL, FULL_REPAINT, GenerationSettings
+from .settings import DEFAULT_NOISE_LEVEL, FULL_REPAINT, SEED_BOUND, GenerationSettings
+from .state_dicts import compare_state
 
 logger = logging.getLogger(__name__)
-
-CONFIG_NAME = "config.json"
-WEIGHTS_NAME = "model.safetensors"
-FORMAT_VERSION = 1
-MAX_TIMESTEPS = 100_000  # official RDM: 1000
-
-
-class ConfigError(ValueError):
-    """A pipeline config (JSON or arguments) that does not describe a valid pipeline."""
-
-
-@dataclass
-class SamplingDefaults:
-    """A model's default generation settings (see :class:`~rcg_augment.settings.GenerationSettings`);
-    every one can be overridden per call."""
-
-    cfg: float = 0.0
-    temperature: float | None = None  # None: the MAGE config's value
-    num_iter: int | None = None  # None: the MAGE config's value
-    rdm_steps: int | None = None  # None: the RDM config's sampling_steps
-    eta: float | None = None  # None: the RDM config's eta
-    repaint_fraction: float | None = None  # None: 1.0, the official full repaint
-
-
-@dataclass
-class PipelineConfig:
-    """The four model configs plus sampling defaults and provenance metadata."""
-
-    encoder: EncoderConfig
-    rdm: RDMConfig
-    tokenizer: TokenizerConfig
-    mage: MAGEConfig
-    defaults: SamplingDefaults = field(default_factory=SamplingDefaults)
-    metadata: dict[str, Any] = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        e, r, t, m = self.encoder, self.rdm, self.tokenizer, self.mage
-        problems = []
-        if not e.rep_dim == r.rep_dim == m.rep_dim:
-            problems.append(f"rep_dim differs: encoder {e.rep_dim}, rdm {r.rep_dim}, mage {m.rep_dim}")
-        if t.grid_size**2 != m.num_tokens:
-            problems.append(f"tokenizer grid {t.grid_size}x{t.grid_size} != mage num_tokens {m.num_tokens}")
-        if t.codebook_size != m.codebook_size:
-            problems.append(f"codebook_size differs: tokenizer {t.codebook_size}, mage {m.codebook_size}")
-        if e.in_channels != t.in_channels:
-            problems.append(f"in_channels differs: encoder {e.in_channels}, tokenizer {t.in_channels}")
-        if not isinstance(r.num_timesteps, int) or not 1 <= r.num_timesteps <= MAX_TIMESTEPS:
-            # the schedule is built eagerly (float64, not in the weights): bound its memory
-            problems.append(f"rdm num_timesteps must be an integer in [1, {MAX_TIMESTEPS}], got {r.num_timesteps!r}")
-        if problems:
-            raise ConfigError("inconsistent pipeline config: " + "; ".join(problems))
-
-    def to_dict(self) -> dict:
-        return {
-            "format_version": FORMAT_VERSION,
-            "encoder": dataclasses.asdict(self.encoder),
-            "rdm": dataclasses.asdict(self.rdm),
-            "tokenizer": dataclasses.asdict(self.tokenizer),
-            "mage": dataclasses.asdict(self.mage),
-            "defaults": dataclasses.asdict(self.defaults),
-            "metadata": dict(self.metadata),
-        }
-
-    @classmethod
-    def from_dict(cls, data: dict, *, source: str = "config") -> PipelineConfig:
-        if not isinstance(data, dict):
-            raise ConfigError(f"{source}: expected a JSON object, got {type(data).__name__}")
-        version = data.get("format_version", FORMAT_VERSION)
-        if version != FORMAT_VERSION:
-            raise ConfigError(f"{source}: format_version {version} is not supported (expected {FORMAT_VERSION})")
-        sections = {"encoder": EncoderConfig, "rdm": RDMConfig, "tokenizer": TokenizerConfig,
-                    "mage": MAGEConfig, "defaults": SamplingDefaults}
-        allowed = set(sections) | {"metadata", "format_version"}
-        unknown = sorted(set(data) - allowed)
-        if unknown:
-            raise ConfigError(f"{source}: unknown top-level fields {unknown}; expected {sorted(allowed)}")
-        built = {}
-        for name, klass in sections.items():
-            if name not in data:
-                if name == "defaults":
-                    built[name] = SamplingDefaults()
-                    continue
-                raise ConfigError(f"{source}: missing section '{name}'")
-            built[name] = _dataclass_from_dict(klass, data[name], f"{source}: section '{name}'")
-        meta = data.get("metadata", {})
-        if not isinstance(meta, dict):
-            raise ConfigError(f"{source}: 'metadata' must be an object")
-        try:
-            return cls(**built, metadata=meta)
-        except ConfigError as err:
-            raise ConfigError(f"{source}: {err}") from err
-
-
-def _dataclass_from_dict(klass, values, where: str):
-    if not isinstance(values, dict):
-        raise ConfigError(f"{where}: expected an object, got {type(values).__name__}")
-    names = {f.name for f in dataclasses.fields(klass)}
-    unknown = sorted(set(values) - names)
-    if unknown:
-        raise ConfigError(f"{where}: unknown fields {unknown}; {klass.__name__} has {sorted(names)}")
-    required = {f.name for f in dataclasses.fields(klass)
-                if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING}
-    missing = sorted(required - set(values))
-    if missing:
-        raise ConfigError(f"{where}: missing fields {missing}")
-    try:
-        return klass(**values)
-    except (TypeError, ValueError) as err:
-        raise ConfigError(f"{where}: {err}") from err
-
-
-def _preset(name: str) -> PipelineConfig:
-    if name == "tiny":
-        return PipelineConfig(ENCODER_PRESETS["tiny"], RDM_PRESETS["tiny"], TOKENIZER_PRESETS["tiny"],
-                              MAGE_PRESETS["tiny"], metadata={"preset": "tiny"})
-    if name == "rcg-b":
-        return PipelineConfig(ENCODER_PRESETS["vit_base"], RDM_PRESETS["rdm_vit_base"], TOKENIZER_PRESETS["official"],
-                              MAGE_PRESETS["mage_vit_base"], metadata={"preset": "rcg-b"})
-    if name == "rcg-l":
-        return PipelineConfig(ENCODER_PRESETS["vit_large"], RDM_PRESETS["rdm_vit_large"], TOKENIZER_PRESETS["official"],
-                              MAGE_PRESETS["mage_vit_large"], metadata={"preset": "rcg-l"})
-    raise ValueError(f"unknown preset {name!r}; choose one of {PIPELINE_PRESETS}")
-
-
-PIPELINE_PRESETS = ("tiny", "rcg-b", "rcg-l")
 
 
 @contextlib.contextmanager
@@ -183,31 +67,26 @@ def _parameter_budget(limit: int, config_path: str, weights_path: str):
 
 def _check_state_shapes(own: dict[str, tuple], found: dict[str, tuple], *, source: str) -> None:
     """One ValueError naming ``source`` and its missing, unexpected and mis-shaped keys."""
-    missing = sorted(set(own) - set(found))
-    unexpected = sorted(set(found) - set(own))
-    wrong = sorted(k for k in set(own) & set(found) if own[k] != found[k])
-    if missing or unexpected or wrong:
+    diff = compare_state(own, found)
+    if diff:
         def show(keys):
             return ", ".join(keys[:8]) + (f" ... (+{len(keys) - 8})" if len(keys) > 8 else "")
         parts = []
-        if missing:
-            parts.append(f"missing {len(missing)} keys: {show(missing)}")
-        if unexpected:
-            parts.append(f"unexpected {len(unexpected)} keys: {show(unexpected)}")
-        if wrong:
+        if diff.missing:
+            parts.append(f"missing {len(diff.missing)} keys: {show(diff.missing)}")
+        if diff.unexpected:
+            parts.append(f"unexpected {len(diff.unexpected)} keys: {show(diff.unexpected)}")
+        if diff.wrong_shape:
             parts.append("wrong shapes: " + ", ".join(
-                f"{k} expected {own[k]} found {found[k]}" for k in wrong[:8]))
+                "{} expected {} found {}".format(k, *diff.shapes(k)) for k in diff.wrong_shape[:8]))
         raise ValueError(f"{source} does not match this pipeline's config: " + "; ".join(parts))
-
-
-_FIELDS_ADDED_LATER = {"defaults": {"repaint_fraction": None}}
 
 
 def derive_generator(generator: torch.Generator | None, device: torch.device) -> torch.Generator | None:
     """A generator on ``device`` seeded from ``generator`` (CPU generators can't draw on CUDA)."""
     if generator is None or generator.device.type == device.type:
         return generator
-    seed = int(torch.randint(0, 2**62, (1,), generator=generator).item())
+    seed = int(torch.randint(0, SEED_BOUND, (1,), generator=generator).item())
     return torch.Generator(device=device).manual_seed(seed)
 
 
@@ -234,24 +113,13 @@ class RCGPipeline(nn.Module):
     # ----------------------------------------------------------------- construction
     @classmethod
     def from_preset(cls, name: str, **overrides) -> RCGPipeline:
-        """A randomly initialised pipeline: ``"tiny"`` (32 px, CPU-trainable), ``"rcg-b"``, ``"rcg-l"``.
+        """A randomly initialised pipeline of a preset in :data:`~rcg_augment.presets.PIPELINE_PRESETS`:
+        ``"tiny"`` (32 px, CPU-trainable), ``"rcg-b"``, ``"rcg-l"``.
 
         ``overrides`` may set ``in_channels`` (encoder, tokenizer) or replace whole sections with
-        ``encoder=EncoderConfig(...)`` etc.
+        ``encoder=EncoderConfig(...)`` etc. (see :func:`~rcg_augment.presets.preset_config`).
         """
-        config = _preset(name)
-        in_channels = overrides.pop("in_channels", None)
-        for key, value in overrides.items():
-            if key not in ("encoder", "rdm", "tokenizer", "mage", "defaults", "metadata"):
-                raise TypeError(f"from_preset() got an unexpected override {key!r}")
-            setattr(config, key, value)
-        if in_channels is not None:
-            mean = (sum(config.encoder.mean) / len(config.encoder.mean),) * in_channels
-            std = (sum(config.encoder.std) / len(config.encoder.std),) * in_channels
-            config.encoder = dataclasses.replace(config.encoder, in_channels=in_channels, mean=mean, std=std)
-            config.tokenizer = dataclasses.replace(config.tokenizer, in_channels=in_channels)
-        config = PipelineConfig.from_dict(config.to_dict(), source=f"preset {name!r}")
-        return cls(config)
+        return cls(preset_config(name, **overrides))
 
     @classmethod
     def from_pretrained(
@@ -311,11 +179,36 @@ class RCGPipeline(nn.Module):
         return pipe
 
     @classmethod
-    def from_official(cls, **kwargs) -> RCGPipeline:
-        """Build from the authors' checkpoint files; see :func:`rcg_augment.official.load_official_pipeline`."""
-        from .official import load_official_pipeline
+    def from_official(
+        cls, *, encoder: str | os.PathLike | None = None, rdm: str | os.PathLike | None = None,
+        mage: str | os.PathLike | None = None, tokenizer: str | os.PathLike | None = None, arch: str = "base",
+        use_ema: bool = True, device: str | torch.device | None = None, verify_sha256: bool = True,
+    ) -> RCGPipeline:
+        """A pipeline from the authors' checkpoint files (converted by :mod:`rcg_augment.official`).
 
-        return load_official_pipeline(**kwargs)
+        Args:
+            encoder: MoCo v3 file (``vit-b-300ep.pth.tar`` or RCG's ViT-L file). Optional when the
+                RDM or MAGE file is given: both embed a copy of the encoder.
+            rdm: RDM file (``.pth``), required.
+            mage: MAGE file (``.pth``), required; it embeds the encoder and the VQGAN too.
+            tokenizer: ``vqgan_jax_strongaug.ckpt``; optional (MAGE's embedded copy is used otherwise).
+            arch: ``"base"`` (ViT-B encoder, MAGE-B) or ``"large"``.
+            use_ema: take EMA weights where a file has them (the official evaluation does).
+            device: move the pipeline here.
+            verify_sha256: record each file's sha256 in the pipeline metadata.
+
+        Example::
+
+            pipe = RCGPipeline.from_official(rdm="rdm-mocov3vitb.pth", mage="mage-vitb.pth", arch="base")
+        """
+        files = read_official_files(encoder=encoder, rdm=rdm, mage=mage, tokenizer=tokenizer, arch=arch,
+                                    use_ema=use_ema, verify_sha256=verify_sha256)
+        pipe = cls(files.config)
+        pipe.load_state_dict_checked(files.state_dict, source="the official files")
+        pipe.eval()
+        if device is not None:
+            pipe.to(device)
+        return pipe
 
     def load_state_dict_checked(self, state: dict[str, torch.Tensor], *, source: str) -> None:
         """Strict load with one error that names the source, missing, unexpected and mis-shaped keys."""
@@ -345,7 +238,7 @@ class RCGPipeline(nn.Module):
         tmp = weights_path.with_suffix(".tmp")
         save_file(state, str(tmp))
         os.replace(tmp, weights_path)
-        digest = hashlib.sha256(weights_path.read_bytes()).hexdigest()
+        digest = sha256_file(weights_path)
         self.config.metadata.update(metadata or {})
         self.config.metadata["weights_sha256"] = digest
         (directory / CONFIG_NAME).write_text(json.dumps(self.config.to_dict(), indent=2) + "\n")
@@ -390,7 +283,7 @@ class RCGPipeline(nn.Module):
         config = self.config.to_dict() | {"metadata": {}}
         # Config fields added after models and caches existed hash as if absent while at their
         # default, so a cache built before the field existed still matches its model.
-        for section, fields in _FIELDS_ADDED_LATER.items():
+        for section, fields in FIELDS_ADDED_LATER.items():
             for name, default in fields.items():
                 if config[section].get(name) == default:
                     config[section].pop(name)
@@ -437,11 +330,8 @@ class RCGPipeline(nn.Module):
         """``settings`` with ``overrides`` on top (None values ignored), every field filled from
         this model's defaults and validated against it (before any work)."""
         settings = settings or GenerationSettings()
-        changes = {k: v for k, v in overrides.items() if v is not None}
-        unknown = sorted(set(changes) - set(GenerationSettings.names()))
-        if unknown:
-            raise TypeError(f"unknown generation settings {unknown}; expected {list(GenerationSettings.names())}")
-        return settings.replace(**changes).resolve(self.config)
+        changes = GenerationSettings.from_kwargs(**{k: v for k, v in overrides.items() if v is not None})
+        return settings.replace(**changes.overrides()).resolve(self.config)
 
     def sampler(self, rdm_steps: int | None = None, eta: float | None = None) -> DDIMSampler:
         s = self.resolve_settings(rdm_steps=rdm_steps, eta=eta)
@@ -576,7 +466,7 @@ class RCGPipeline(nn.Module):
         if not alphas or any(not 0.0 <= x <= 1.0 for x in alphas):
             raise ValueError(f"`alphas` must be a non-empty sequence in [0, 1], got {alphas}")
         ra, rb = self.encode(a), self.encode(b)
-        seed = None if generator is None else int(torch.randint(0, 2**62, (1,), generator=generator).item())
+        seed = None if generator is None else int(torch.randint(0, SEED_BOUND, (1,), generator=generator).item())
         frames = []
         for alpha in alphas:
             mix = (1 - alpha) * ra + alpha * rb

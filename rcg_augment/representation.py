@@ -21,19 +21,19 @@ import os
 import torch
 from torch import nn
 
-from .pipeline import RCGPipeline
-from .settings import DEFAULT_NOISE_LEVEL
-from .transforms import (
+from .frontend import (
+    FrontEnd,
     ModelHandle,
     RandomSource,
     check_image_batch,
     check_noise_level,
-    check_sampling_settings,
-    to_model_channels,
+    model_input,
 )
+from .pipeline import RCGPipeline
+from .settings import DEFAULT_NOISE_LEVEL, GenerationSettings
 
 
-class RepresentationAugment(nn.Module):
+class RepresentationAugment(FrontEnd, nn.Module):
     """Noise and RDM-denoise representations (B, rep_dim): a feature-space augmentation.
 
     Like ``nn.Dropout`` it acts in training mode and is the identity after ``.eval()``.
@@ -59,35 +59,13 @@ class RepresentationAugment(nn.Module):
     ) -> None:
         super().__init__()
         self.noise_level = check_noise_level(noise_level)
-        settings = check_sampling_settings(rdm_steps=rdm_steps, eta=eta)
-        self._settings = {"rdm_steps": settings["rdm_steps"], "eta": settings["eta"]}
+        self._settings = GenerationSettings(rdm_steps=rdm_steps, eta=eta)
         self._model = ModelHandle(model, device)
         self._random = RandomSource(seed)
 
     @property
-    def model(self) -> str | RCGPipeline:
-        return self._model.spec if self._model.spec is not None else self._model.pipeline
-
-    @property
-    def seed(self) -> int | None:
-        return self._random.seed
-
-    @property
-    def pipeline(self) -> RCGPipeline:
-        return self._model.get()
-
-    @property
     def rep_dim(self) -> int:
         return self.pipeline.config.rdm.rep_dim
-
-    def extra_repr(self) -> str:
-        parts = [f"noise_level={self.noise_level}", f"model={self._model.describe()}"]
-        parts += [f"{k}={v}" for k, v in self._settings.items() if v is not None]
-        if self._model.device is not None:
-            parts.append(f"device={self._model.device!r}")
-        if self.seed is not None:
-            parts.append(f"seed={self.seed}")
-        return ", ".join(parts)
 
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:
         """Images (B, C, H, W) or (C, H, W), uint8 or float in [0, 1], 1-4 channels -> (B, rep_dim).
@@ -100,9 +78,7 @@ class RepresentationAugment(nn.Module):
         batch = images[None] if images.ndim == 3 else images
         check_image_batch(batch, "images", shape=shape)
         pipe = self.pipeline
-        color = batch[:, :1] if batch.shape[1] in (1, 2) else batch[:, :3]
-        color = color.float() / 255.0 if color.dtype == torch.uint8 else color.float().clamp(0, 1)
-        rep = pipe.encode(to_model_channels(color, pipe.in_channels).to(pipe.device))
+        rep = pipe.encode(model_input(batch, pipe)[0])
         return rep.to(images.device).clone()  # an ordinary tensor, not an inference-mode one
 
     def forward(self, rep: torch.Tensor) -> torch.Tensor:
@@ -123,7 +99,7 @@ class RepresentationAugment(nn.Module):
         draw = self._random.draw(rep.shape[0], self.noise_level)
         generator = torch.Generator().manual_seed(draw["seed"])
         out = pipe.denoise_representations(rep.detach().to(pipe.device, torch.float32), draw["noise_level"],
-                                           generator=generator, **self._settings)
+                                           generator=generator, **self._settings.overrides())
         return out.to(rep.device, rep.dtype).clone()
 
 

@@ -32,6 +32,14 @@ import numpy as np
 DEFAULT_NOISE_LEVEL = 0.3
 # The value a cache or a call records when the source is fully repainted (the official decoding).
 FULL_REPAINT = 1.0
+# Seeds drawn for a call's torch.Generator (a transform's per-call seed, a generator moved to
+# another device) are in [0, SEED_BOUND).
+SEED_BOUND = 2**62
+# Settings added after models and caches existed, each with the value that reproduces what was
+# done before it: a model's fingerprint and a synthetic cache's identity leave such a setting out
+# while it holds that value (None in a model's saved defaults), so models and caches made before
+# it keep their identity.
+ADDED_LATER: dict[str, Any] = {"repaint_fraction": FULL_REPAINT}
 # Draws per variant when the label filter re-draws rejected variants (rcg_augment.label_filter).
 DEFAULT_MAX_ATTEMPTS = 4
 
@@ -59,7 +67,9 @@ class GenerationSettings:
         cfg: MAGE classifier-free guidance scale, >= 0; 0 skips the unconditional branch.
         temperature: MAGE's re-masking ("choice") temperature, >= 0.
         num_iter: MAGE decoding steps, >= 1.
-        rdm_steps: DDIM steps of the representation diffusion model, in [1, num_timesteps].
+        rdm_steps: DDIM steps of the representation diffusion model, in [1, num_timesteps]
+            (the model's default is its config's ``rdm.sampling_steps``: the name ``config.json``
+            has always stored it under).
         eta: DDIM eta, >= 0 (0: deterministic, 1: DDPM-like).
         repaint_fraction: share of the source's token map that MAGE paints anew, in
             [mask_ratio_min, 1] (0.5 for every bundled and official model: MAGE never saw less
@@ -102,6 +112,15 @@ class GenerationSettings:
     def names(cls) -> tuple[str, ...]:
         return tuple(f.name for f in dataclasses.fields(cls))
 
+    @classmethod
+    def from_kwargs(cls, **values) -> GenerationSettings:
+        """Settings from keyword arguments (None: the model's default); an unknown name is a
+        ``TypeError`` naming the known ones."""
+        unknown = sorted(set(values) - set(cls.names()))
+        if unknown:
+            raise TypeError(f"unknown generation settings {unknown}; expected {list(cls.names())}")
+        return cls(**values)
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
@@ -125,14 +144,21 @@ class GenerationSettings:
         for name, fallback in model_defaults.items():
             mine, default = getattr(self, name), getattr(d, name, None)
             values[name] = mine if mine is not None else default if default is not None else fallback
-        out = GenerationSettings(**values)
-        if out.rdm_steps > config.rdm.num_timesteps:
-            raise ValueError(f"`rdm_steps` must be in [1, {config.rdm.num_timesteps}], got {out.rdm_steps}")
-        low = config.mage.mask_ratio_min
-        if out.repaint_fraction < low:
+        return GenerationSettings(**values).check_bounds(num_timesteps=config.rdm.num_timesteps,
+                                                         mask_ratio_min=config.mage.mask_ratio_min)
+
+    def check_bounds(self, *, num_timesteps: int | None = None, mask_ratio_min: float | None = None
+                     ) -> GenerationSettings:
+        """``self``, after checking the bounds that depend on a model: ``rdm_steps`` <= the
+        schedule's ``num_timesteps``, ``repaint_fraction`` >= MAGE's ``mask_ratio_min`` (each
+        where given and set). The samplers call this too, so the checks live here alone."""
+        if num_timesteps is not None and self.rdm_steps is not None and self.rdm_steps > num_timesteps:
+            raise ValueError(f"`rdm_steps` must be in [1, {num_timesteps}], got {self.rdm_steps}")
+        low = mask_ratio_min
+        if low is not None and self.repaint_fraction is not None and self.repaint_fraction < low:
             raise ValueError(f"`repaint_fraction` must be in [{low}, 1] for this model (MAGE trained with at least "
-                             f"{low:.0%} of the tokens masked), got {out.repaint_fraction}")
-        return out
+                             f"{low:.0%} of the tokens masked), got {self.repaint_fraction}")
+        return self
 
 
-__all__ = ["DEFAULT_MAX_ATTEMPTS", "DEFAULT_NOISE_LEVEL", "FULL_REPAINT", "GenerationSettings"]
+__all__ = ["ADDED_LATER", "DEFAULT_MAX_ATTEMPTS", "DEFAULT_NOISE_LEVEL", "FULL_REPAINT", "SEED_BOUND", "GenerationSettings"]

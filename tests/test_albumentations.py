@@ -20,18 +20,6 @@ from rcg_augment.zoo import available_models
 FAST = {"num_iter": 2, "rdm_steps": 2}
 
 
-@pytest.fixture(scope="module")
-def gray_dir(tmp_path_factory):
-    torch.manual_seed(0)
-    return str(RCGPipeline.from_preset("tiny", in_channels=1).save_pretrained(tmp_path_factory.mktemp("gray")))
-
-
-@pytest.fixture(scope="module")
-def rgb_dir(tmp_path_factory):
-    torch.manual_seed(1)
-    return str(RCGPipeline.from_preset("tiny", in_channels=3).save_pretrained(tmp_path_factory.mktemp("rgb")))
-
-
 def image(shape, dtype=np.uint8, seed=0):
     rng = np.random.default_rng(seed)
     a = rng.integers(0, 256, shape, dtype=np.uint8)
@@ -94,17 +82,10 @@ def test_p_zero_is_identity(gray_dir):
     assert np.array_equal(out, img)
 
 
-def test_images_target_is_one_batch_with_per_image_levels(gray_dir, monkeypatch):
+def test_images_target_is_one_batch_with_per_image_levels(gray_dir, spy_reconstruct):
     aug = RCGAugment((0.2, 0.7), model=gray_dir, **FAST)
     pipe = aug._model.get()
-    calls = []
-    real = pipe.reconstruct
-
-    def spy(images, noise_level, **kwargs):
-        calls.append((tuple(images.shape), torch.as_tensor(noise_level).clone()))
-        return real(images, noise_level, **kwargs)
-
-    monkeypatch.setattr(pipe, "reconstruct", spy)
+    calls = spy_reconstruct(pipe)
     images = image((6, 10, 10, 3))
     out = A.Compose([aug], seed=0)(images=images)["images"]
     assert out.shape == images.shape and out.dtype == np.uint8

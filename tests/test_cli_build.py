@@ -7,13 +7,12 @@ import os
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
-from rcg_augment import RCGPipeline
 from rcg_augment.cli import main
 from rcg_augment.data import SyntheticDataset, build_synthetic, load_synthetic
 from rcg_augment.zoo import available_models
@@ -21,20 +20,12 @@ from rcg_augment.zoo import available_models
 FAST = ["--num-iter", "2", "--rdm-steps", "2", "--no-progress"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)  # intra-op threads thrash on a shared 2-core box
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # intra-op threads thrash on a shared 2-core box
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    torch.manual_seed(0)
-    directory = tmp_path_factory.mktemp("tiny")
-    RCGPipeline.from_preset("tiny", in_channels=1).save_pretrained(directory)
-    return directory
+def model_dir(gray_dir):
+    return Path(gray_dir)
 
 
 @pytest.fixture

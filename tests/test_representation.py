@@ -8,13 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from rcg_augment import RCGPipeline, RepresentationAugment
-
-
-@pytest.fixture(scope="module")
-def gray_dir(tmp_path_factory):
-    torch.manual_seed(0)
-    return str(RCGPipeline.from_preset("tiny", in_channels=1).save_pretrained(tmp_path_factory.mktemp("gray")))
+from rcg_augment import RepresentationAugment
 
 
 @pytest.fixture(scope="module")

@@ -16,22 +16,10 @@ from torchvision import tv_tensors
 from torchvision.transforms import v2
 
 from rcg_augment import RCGAugment, RCGPipeline
-from rcg_augment import transforms as rt
+from rcg_augment import frontend as rt
 from rcg_augment.zoo import available_models
 
 FAST = {"num_iter": 2, "rdm_steps": 2}
-
-
-@pytest.fixture(scope="module")
-def gray_dir(tmp_path_factory):
-    torch.manual_seed(0)
-    return str(RCGPipeline.from_preset("tiny", in_channels=1).save_pretrained(tmp_path_factory.mktemp("gray")))
-
-
-@pytest.fixture(scope="module")
-def rgb_dir(tmp_path_factory):
-    torch.manual_seed(1)
-    return str(RCGPipeline.from_preset("tiny", in_channels=3).save_pretrained(tmp_path_factory.mktemp("rgb")))
 
 
 @pytest.fixture(params=["gray", "rgb"])
@@ -146,17 +134,10 @@ def test_tv_tensor_image_and_passthrough_of_other_targets(model_dir):
     assert out["boxes"] is boxes and out["mask"] is mask and out["label"] == 3 and out["extra"] is sample["extra"]
 
 
-def test_batch_is_one_pipeline_call_with_per_image_levels(gray_dir, monkeypatch):
+def test_batch_is_one_pipeline_call_with_per_image_levels(gray_dir, spy_reconstruct):
     aug = RCGAugment((0.2, 0.6), model=gray_dir, seed=0, **FAST)
     pipe = aug.pipeline
-    calls = []
-    real = pipe.reconstruct
-
-    def spy(images, noise_level, **kwargs):
-        calls.append((tuple(images.shape), torch.as_tensor(noise_level).clone()))
-        return real(images, noise_level, **kwargs)
-
-    monkeypatch.setattr(pipe, "reconstruct", spy)
+    calls = spy_reconstruct(pipe)
     x = tv_tensors.Image(torch.rand(16, 1, 9, 13))
     out = aug(x)
     assert isinstance(out, tv_tensors.Image) and out.shape == x.shape

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from ..official import ARCH_PRESETS, OFFICIAL_SOURCES
+from ..training.registry import STAGES, get_recipe
 from .train import add_training_arguments, print_summary, quiet_accelerate, run_stages
 
 EPILOG = """\
@@ -28,17 +30,14 @@ def _official(text: str) -> dict:
             raise argparse.ArgumentTypeError(f"expected PART=FILE[,PART=FILE...], got {text!r}")
         key, value = part.split("=", 1)
         key = key.strip()
-        if key not in ("encoder", "rdm", "mage", "tokenizer"):
-            raise argparse.ArgumentTypeError(f"unknown official part {key!r}; use encoder, rdm, mage or tokenizer")
+        if key not in OFFICIAL_SOURCES:
+            raise argparse.ArgumentTypeError(f"unknown official part {key!r}; use {', '.join(OFFICIAL_SOURCES)}")
         files[key] = value.strip()
     return files
 
 
 def handle(args: argparse.Namespace) -> int:
     quiet_accelerate(args)
-    from ..training.api import STAGES
-    from ..training.recipes import get_recipe
-
     if args.from_ and args.official:
         raise ValueError("give either --from or --official, not both")
     if args.official:
@@ -84,7 +83,7 @@ def register(subparsers) -> None:
                              "(default: the recipe's)")
     parser.add_argument("--official", type=_official, metavar="PART=FILE,...",
                         help="start from the authors' checkpoint files: rdm=FILE,mage=FILE[,encoder=FILE,tokenizer=FILE]")
-    parser.add_argument("--arch", default="base", choices=("base", "large"), help="architecture of --official files")
+    parser.add_argument("--arch", default="base", choices=list(ARCH_PRESETS), help="architecture of --official files")
     parser.add_argument("--stages", metavar="A,B", help="stages to fine-tune, comma-separated (default: rdm,mage, "
                         "or the recipe's)")
     add_training_arguments(parser)

@@ -6,15 +6,14 @@ import argparse
 import json
 import re
 
-STAGE_CHOICES = ("encoder", "tokenizer", "rdm", "mage", "all")
+from ..presets import PIPELINE_PRESETS
+from ..training.registry import RECIPES, STAGE_REGISTRY, STAGES, get_recipe
+
+STAGE_CHOICES = (*STAGES, "all")
 
 EPILOG = """\
 stages (trained in this order by `all`):
-  encoder    MoCo v3 self-supervised pre-training of the ViT encoder + projector
-  tokenizer  VQ tokenizer: pixel reconstruction + codebook/commitment loss (dead codes restarted)
-  rdm        representation diffusion model on the frozen encoder's representations (EMA kept)
-  mage       masked generative transformer on frozen tokenizer tokens + encoder reps (EMA kept)
-
+""" + "".join(f"  {e.name:10s} {e.description}\n" for e in STAGE_REGISTRY.values()) + """
 The output folder loads with RCGPipeline.from_pretrained(OUT). Without --init, a stage continues
 the pipeline already in OUT, else starts from --preset. A killed run continues where it stopped
 when started again with the same arguments (checkpoints in OUT/checkpoints/<stage>/;
@@ -70,7 +69,7 @@ def add_training_arguments(parser: argparse.ArgumentParser) -> None:
     data.add_argument("--classes", metavar="A,B", help="train on these classes of the data only (comma-separated)")
     data.add_argument("--out", required=True, metavar="DIR", help="output pipeline folder")
     data.add_argument("--recipe", metavar="NAME",
-                      help="named recipe with data and per-stage settings: digits-tiny, faces-tiny "
+                      help=f"named recipe with data and per-stage settings: {', '.join(RECIPES)} "
                            "(other flags override it)")
     data.add_argument("--steps-scale", type=float, default=1.0, metavar="F",
                       help="multiply the recipe's step counts by F (e.g. 0.05 for a quick trial)")
@@ -197,10 +196,8 @@ def run_stages(args: argparse.Namespace, stages: list[str], *, init) -> dict:
 
 def handle(args: argparse.Namespace) -> int:
     quiet_accelerate(args)
-    from ..training.recipes import get_recipe
-
     if args.stage == "all":
-        stages = list(get_recipe(args.recipe).stages) if args.recipe else ["encoder", "tokenizer", "rdm", "mage"]
+        stages = list(get_recipe(args.recipe).stages) if args.recipe else list(STAGES)
     else:
         stages = [args.stage]
     if args.reinit and args.init is None:
@@ -226,8 +223,9 @@ def register(subparsers) -> None:
                         help="with --init: start the trained stages' networks afresh (the recipe's architecture "
                         "overrides applied) and keep --init's other networks, e.g. retrain MAGE on a trained "
                         "encoder and tokenizer")
-    parser.add_argument("--preset", default="tiny", choices=("tiny", "rcg-b", "rcg-l"),
-                        help="architecture for a new pipeline (default tiny: 32 px, CPU-trainable)")
+    parser.add_argument("--preset", default="tiny", choices=list(PIPELINE_PRESETS),
+                        help="architecture for a new pipeline (default tiny): " + "; ".join(
+                            f"{p.name}: {p.description}" for p in PIPELINE_PRESETS.values()))
     parser.add_argument("--in-channels", type=int, choices=(1, 3),
                         help="channels of a new pipeline (default: inferred from the data)")
     add_training_arguments(parser)

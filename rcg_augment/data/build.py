@@ -14,19 +14,18 @@ Determinism: the work is a fixed list of records ``r = 0 .. N*V-1`` (source ``r 
 consecutive records and shards of ``records_per_shard`` consecutive records. Each batch draws from a
 ``torch.Generator`` seeded by a hash of ``seed`` and its records, so a resumed, split or distributed
 build writes the same bytes as one uninterrupted process (on the same device type and versions).
+
+This module generates the records; :mod:`~rcg_augment.data.cache_files` writes files crash-safely
+(atomic writes, the lock, shard sidecars) and :mod:`~rcg_augment.data.cache_manifest` holds what
+a cache is (plan, spec, manifest) and detects a stale one.
 """
 
 from __future__ import annotations
 
-import contextlib
-import errno
-import fcntl
 import hashlib
 import io
-import json
 import logging
 import os
-import shutil
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -37,31 +36,41 @@ import torch
 from PIL import Image
 
 from ..label_filter import DEFAULT_MAX_ATTEMPTS, PrototypeFilter, reconstruct_with_labels
-from ..settings import FULL_REPAINT, GenerationSettings
+from ..settings import GenerationSettings
+from .cache_files import (
+    MANIFEST_NAME,
+    PLAN_NAME,
+    SHARD_DIR,
+    BuildLock,
+    BuildLockedError,
+    atomic_write,
+    check_out_dir,
+    clean_shard,
+    clear_cache,
+    json_bytes,
+    read_json,
+    shard_complete,
+    shard_paths,
+)
+from .cache_manifest import (
+    CACHE_FORMAT,
+    CACHE_FORMAT_VERSION,
+    StaleCacheError,
+    cache_features,
+    check_plan,
+    finalise,
+    hash_spec,
+    identity_settings,
+    spec_of,
+    sum_draws,
+    versions,
+)
 from .sources import BUILTIN_SOURCES, ImageSource, SourceError, open_source, pil_to_tensor
 
 logger = logging.getLogger(__name__)
 
-CACHE_FORMAT = "rcg-augment/synthetic-cache"
-CACHE_FORMAT_VERSION = 1
-PLAN_NAME = "plan.json"
-MANIFEST_NAME = "manifest.json"
-SHARD_DIR = "shards"
-LOCK_NAME = ".lock"
-# Plan keys that must match for a rerun to resume; everything else in the plan is provenance.
-SPEC_KEYS = ("format", "format_version", "model", "source", "generation", "seed", "layout",
-             "quality_threshold", "versions", "device")
 DEFAULT_SHARD_BATCHES = 8  # records_per_shard defaults to 8 batches: little work lost on a kill
 _TENSOR_CACHE_BYTES = 256 * 2**20  # keep decoded source tensors in memory below this size
-_OWN_NAMES = {PLAN_NAME, MANIFEST_NAME, SHARD_DIR, "contact_sheet.png"}
-
-
-class StaleCacheError(ValueError):
-    """``out_dir`` holds a cache built with a different model, source, setting, seed or version."""
-
-
-class BuildLockedError(RuntimeError):
-    """Another builder holds the lock on ``out_dir``."""
 
 
 @dataclass
@@ -95,58 +104,6 @@ class BuildSummary:
             return None
         return {c: v["accepted"] / v["generated"] if v["generated"] else float("nan")
                 for c, v in self.label_filter.items()}
-
-
-# ---------------------------------------------------------------------------------------- helpers
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` so that a crash leaves either the old file or the new one.
-
-    A full disk raises ``OSError(ENOSPC)`` naming the file, after removing the partial temp file.
-    """
-    tmp = path.with_name(f"{path.name}.tmp.{os.getpid()}")
-    try:
-        # O_NOFOLLOW: a symlink planted at the temp name is refused, never written through
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o644)
-        with open(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-        _fsync_dir(path.parent)
-    except OSError as err:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        if err.errno in (errno.ENOSPC, errno.EDQUOT):
-            raise OSError(err.errno, f"no space left on device while writing {path} ({len(data)} bytes); "
-                          "free space and rerun the same command to resume (complete shards are kept)") from err
-        raise
-
-
-def _json_bytes(obj) -> bytes:
-    return (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode()
-
-
-def _read_json(path: Path):
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError, RecursionError):
-        return None
-
-
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def batch_seed(seed: int, records: np.ndarray) -> int:
@@ -227,149 +184,6 @@ def _select_sources(source, shots, seed, size, channels) -> _Selection:
     return _Selection(src.subset(good), good, skipped, len(src), tensors if keep_tensors else None)
 
 
-def _versions() -> dict:
-    import datasets
-    import PIL
-
-    from .. import __version__
-
-    return {"rcg_augment": __version__, "torch": torch.__version__, "datasets": datasets.__version__,
-            "pillow": PIL.__version__, "numpy": np.__version__}
-
-
-def _features(classes: Sequence[str]):
-    import datasets
-
-    return datasets.Features({
-        "image": datasets.Image(),
-        "label": datasets.ClassLabel(names=list(classes)),
-        "source_index": datasets.Value("int64"),
-        "variant_index": datasets.Value("int64"),
-        "noise_level": datasets.Value("float64"),
-        "seed": datasets.Value("int64"),
-    })
-
-
-def _describe_differences(old: dict, new: dict, prefix: str = "") -> list[str]:
-    out = []
-    for key in sorted(set(old) | set(new)):
-        a, b = old.get(key, "<absent>"), new.get(key, "<absent>")
-        name = f"{prefix}{key}"
-        if isinstance(a, dict) and isinstance(b, dict):
-            out.extend(_describe_differences(a, b, name + "."))
-        elif a != b:
-            def show(v):
-                s = json.dumps(v)
-                return s if len(s) <= 40 else s[:37] + "..."
-            out.append(f"{name} (cache {show(a)}, now {show(b)})")
-    return out
-
-
-def _spec_of(plan: dict) -> dict:
-    return {k: plan.get(k) for k in SPEC_KEYS}
-
-
-def _spec_hash(spec: dict) -> str:
-    return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()
-
-
-# ---------------------------------------------------------------------------------------- locking
-def _pids_holding(out_dir: Path) -> list[int]:
-    pids = []
-    for p in sorted(out_dir.glob(LOCK_NAME + "*")):
-        try:
-            pid = int(p.read_text().strip() or 0)
-        except (OSError, ValueError):
-            continue
-        if pid <= 0 or pid == os.getpid():
-            continue
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            continue
-        except PermissionError:
-            pass
-        pids.append(pid)
-    return sorted(set(pids))
-
-
-class _BuildLock:
-    """flock-based: a one-process build holds ``.lock`` exclusively; a distributed process holds
-    ``.lock`` shared plus ``.lock-p<index>`` exclusively. Released when the process dies."""
-
-    def __init__(self, out_dir: Path, process_index: int, num_processes: int):
-        self.out_dir = out_dir
-        self.fds: list[int] = []
-        try:
-            self._take(out_dir / LOCK_NAME, fcntl.LOCK_EX if num_processes == 1 else fcntl.LOCK_SH,
-                       write_pid=num_processes == 1)
-            if num_processes > 1:
-                self._take(out_dir / f"{LOCK_NAME}-p{process_index}", fcntl.LOCK_EX, write_pid=True)
-        except BaseException:
-            self.release()
-            raise
-
-    def _take(self, path: Path, mode: int, write_pid: bool) -> None:
-        try:  # O_NOFOLLOW: never truncate a file that a planted symlink points to
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
-        except OSError as err:
-            if err.errno != errno.ELOOP:
-                raise
-            raise ValueError(f"{path} is a symlink; remove it (rcg-augment writes its lock there)") from None
-        try:
-            fcntl.flock(fd, mode | fcntl.LOCK_NB)
-        except OSError as err:
-            os.close(fd)
-            if err.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
-                raise
-            pids = _pids_holding(self.out_dir)
-            who = f"pid {', '.join(map(str, pids))}" if pids else "pid unknown"
-            raise BuildLockedError(
-                f"another build is running on {self.out_dir} ({who}); wait for it to finish, or "
-                "choose another output directory") from None
-        self.fds.append(fd)
-        if write_pid:
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-
-    def release(self) -> None:
-        for fd in reversed(self.fds):
-            with contextlib.suppress(OSError):
-                fcntl.flock(fd, fcntl.LOCK_UN)
-                os.close(fd)
-        self.fds = []
-
-
-# ---------------------------------------------------------------------------------------- shards
-def _shard_paths(out_dir: Path, shard: int) -> tuple[Path, Path]:
-    base = out_dir / SHARD_DIR / f"shard-{shard:05d}"
-    return base.with_suffix(".arrow"), base.with_suffix(".json")
-
-
-def _shard_complete(out_dir: Path, shard: int, spec_hash: str, *, verify: bool) -> dict | None:
-    """The shard's sidecar if the shard is complete (and, with ``verify``, its bytes match)."""
-    arrow_path, meta_path = _shard_paths(out_dir, shard)
-    meta = _read_json(meta_path)
-    if not isinstance(meta, dict) or meta.get("spec_sha256") != spec_hash or not arrow_path.is_file():
-        return None
-    if arrow_path.stat().st_size != meta.get("bytes"):
-        return None
-    if verify and _sha256_file(arrow_path) != meta.get("sha256"):
-        return None
-    return meta
-
-
-def _clean_shard(out_dir: Path, shard: int, *, temp_only: bool = False) -> None:
-    """Remove temp files of a shard left by a killed writer, and (unless ``temp_only``) the shard."""
-    arrow_path, meta_path = _shard_paths(out_dir, shard)
-    doomed = list(arrow_path.parent.glob(f"{arrow_path.stem}.*.tmp.*"))
-    if not temp_only:
-        doomed = [meta_path, arrow_path, *doomed]  # sidecar first: never a sidecar without its shard
-    for p in doomed:
-        with contextlib.suppress(FileNotFoundError):
-            p.unlink()
-
-
 def _encode_table(rows: dict, features) -> bytes:
     import pyarrow as pa
 
@@ -386,53 +200,6 @@ def _to_png(pixels: np.ndarray) -> bytes:
     buf = io.BytesIO()
     img.save(buf, format="PNG")
     return buf.getvalue()
-
-
-# ---------------------------------------------------------------------------------------- builder
-def _clear_cache(out_dir: Path) -> None:
-    # manifest first: a kill half-way leaves no directory that claims to be complete
-    for name in (MANIFEST_NAME, SHARD_DIR, "contact_sheet.png", PLAN_NAME):
-        p = out_dir / name
-        if p.is_dir() and not p.is_symlink():
-            shutil.rmtree(p)
-        elif p.exists() or p.is_symlink():  # a symlink goes, never what it points to
-            p.unlink()
-    for p in out_dir.glob(f"{PLAN_NAME}.tmp.*"):
-        p.unlink()
-    for p in out_dir.glob(f"{MANIFEST_NAME}.tmp.*"):
-        p.unlink()
-
-
-def _check_out_dir(out_dir: Path) -> None:
-    if out_dir.exists() and not out_dir.is_dir():
-        raise ValueError(f"`out_dir` {out_dir} exists and is not a directory; choose a directory path")
-    links = sorted(name for name in _OWN_NAMES if (out_dir / name).is_symlink())
-    if links:  # writing through them would write outside out_dir
-        raise ValueError(f"`out_dir` {out_dir} holds symlinks where the cache writes ({', '.join(links)}); "
-                         "remove them or choose a new directory")
-    if (out_dir / PLAN_NAME).exists() or (out_dir / MANIFEST_NAME).exists():
-        return
-    foreign = sorted(p.name for p in out_dir.iterdir()
-                     if p.name not in _OWN_NAMES and not p.name.startswith((LOCK_NAME, PLAN_NAME)))
-    if foreign:
-        raise ValueError(f"`out_dir` {out_dir} is not empty and holds no rcg-augment cache "
-                         f"(found {', '.join(foreign[:5])}); choose a new or empty directory")
-
-
-def _check_plan(out_dir: Path, plan: dict) -> None:
-    """Refuse a directory built with a different spec."""
-    for name in (MANIFEST_NAME, PLAN_NAME):
-        existing = _read_json(out_dir / name)
-        if existing is None:
-            if (out_dir / name).exists():
-                raise StaleCacheError(f"{out_dir / name} is unreadable; rebuild with overwrite=True (--overwrite)")
-            continue
-        diffs = _describe_differences(_spec_of(existing), _spec_of(plan))
-        if diffs:
-            raise StaleCacheError(
-                f"{out_dir} holds a cache built with different settings: " + "; ".join(diffs)
-                + ". Rebuild it with overwrite=True (--overwrite) or choose another output directory")
-        return
 
 
 def build_synthetic(
@@ -524,7 +291,7 @@ def build_synthetic(
     pipe, model_name = _resolve_pipeline(pipeline, device)
     resolved = pipe.resolve_settings(cfg=cfg, temperature=temperature, num_iter=num_iter, rdm_steps=rdm_steps,
                                      repaint_fraction=repaint_fraction)  # validated, defaults resolved
-    settings = _identity_settings(resolved)
+    settings = identity_settings(resolved.to_dict())
     size, channels = pipe.image_size, pipe.in_channels
     sel = _select_sources(source, shots, seed, size, channels)
     prototypes = _prototypes(pipe, sel, batch_size) if label_filter else None
@@ -539,10 +306,9 @@ def build_synthetic(
             "indices_sha256": hashlib.sha256(np.asarray(sel.indices, dtype="<i8").tobytes()).hexdigest(),
         },
         "generation": {"variants_per_image": K, "noise_levels": levels, **settings,
-                       "requested": {"cfg": cfg, "temperature": temperature, "num_iter": num_iter,
-                                     "rdm_steps": rdm_steps,
-                                     **({"repaint_fraction": repaint_fraction}
-                                        if repaint_fraction not in (None, FULL_REPAINT) else {})},
+                       "requested": identity_settings({
+                           "cfg": cfg, "temperature": temperature, "num_iter": num_iter, "rdm_steps": rdm_steps,
+                           "repaint_fraction": repaint_fraction}, requested=True),
                        **({"label_filter": {"prototypes": "mean representation of each class's sources",
                                             "max_attempts": int(max_attempts)}} if label_filter else {})},
         "seed": int(seed),
@@ -551,34 +317,34 @@ def build_synthetic(
                    "record_order": "source-major: record r = (source r // V, variant r % V), "
                                    "noise_levels[variant // variants_per_image]"},
         "quality_threshold": None if quality_threshold is None else float(quality_threshold),
-        "versions": _versions(),
+        "versions": versions(),
         "device": pipe.device.type,
         "provenance": {"model": model_name, "source": sel.source.name, "skipped": sel.skipped},
     }
-    spec_hash = _spec_hash(_spec_of(plan))
+    spec_hash = hash_spec(spec_of(plan))
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    lock = _BuildLock(out_dir, process_index, num_processes)
+    lock = BuildLock(out_dir, process_index, num_processes)
     try:
         if overwrite and process_index == 0:
             logger.info("overwrite: removing the cache in %s", out_dir)
-            _clear_cache(out_dir)
+            clear_cache(out_dir)
         if overwrite and barrier is not None:
             barrier()  # nobody writes before the old cache is gone
-        _check_out_dir(out_dir)
-        _check_plan(out_dir, plan)
+        check_out_dir(out_dir)
+        check_plan(out_dir, plan)
         if num_processes == 1:  # nobody else is writing: drop temp files of killed runs
             for p in [*out_dir.glob(f"{PLAN_NAME}.tmp.*"), *out_dir.glob(f"{MANIFEST_NAME}.tmp.*")]:
                 p.unlink(missing_ok=True)
         (out_dir / SHARD_DIR).mkdir(exist_ok=True)
         if not (out_dir / PLAN_NAME).exists():
-            _atomic_write(out_dir / PLAN_NAME, _json_bytes(plan))
+            atomic_write(out_dir / PLAN_NAME, json_bytes(plan))
 
         mine = [s for s in range(n_shards) if s % num_processes == process_index]
         todo, resumed, own_meta = [], 0, {}
         for s in mine:
-            meta = _shard_complete(out_dir, s, spec_hash, verify=True)
-            _clean_shard(out_dir, s, temp_only=meta is not None)
+            meta = shard_complete(out_dir, s, spec_hash, verify=True)
+            clean_shard(out_dir, s, temp_only=meta is not None)
             if meta is None:
                 todo.append(s)
             else:
@@ -587,7 +353,7 @@ def build_synthetic(
         if resumed:
             logger.info("resuming %s: %d of %d shards already complete", out_dir, resumed, len(mine))
 
-        features = _features(sel.source.classes)
+        features = cache_features(sel.source.classes)
         total_todo = sum(min(records_per_shard, n_records - s * records_per_shard) for s in todo)
         written = generated = 0
         gen_seconds = 0.0
@@ -607,13 +373,13 @@ def build_synthetic(
                     settings=resolved, quality_threshold=quality_threshold, prototypes=prototypes,
                     max_attempts=int(max_attempts), bar=bar)
                 data = _encode_table(rows, features)
-                arrow_path, meta_path = _shard_paths(out_dir, s)
-                _atomic_write(arrow_path, data)
+                arrow_path, meta_path = shard_paths(out_dir, s)
+                atomic_write(arrow_path, data)
                 meta = {"shard": s, "file": f"{SHARD_DIR}/{arrow_path.name}", "record_range": [lo, hi],
                         "records": len(rows["label"]), "dropped": dropped, "bytes": len(data),
                         "sha256": hashlib.sha256(data).hexdigest(), "spec_sha256": spec_hash,
                         **({"label_filter": draws} if draws is not None else {})}
-                _atomic_write(meta_path, _json_bytes(meta))
+                atomic_write(meta_path, json_bytes(meta))
                 own_meta[s] = meta
                 written += meta["records"]
                 generated += hi - lo
@@ -625,13 +391,13 @@ def build_synthetic(
         if barrier is not None and num_processes > 1:
             barrier()  # every shard is written
             if process_index == 0:
-                _finalise(out_dir, plan, n_shards, spec_hash, own_meta)
+                finalise(out_dir, plan, n_shards, spec_hash, own_meta)
             barrier()  # the manifest is written
-            manifest = _read_json(out_dir / MANIFEST_NAME)
+            manifest = read_json(out_dir / MANIFEST_NAME)
             all_meta = ({sh["shard"]: sh for sh in manifest["shards"]}
                         if isinstance(manifest, dict) and manifest.get("complete") else None)
         else:
-            all_meta = _finalise(out_dir, plan, n_shards, spec_hash, own_meta)
+            all_meta = finalise(out_dir, plan, n_shards, spec_hash, own_meta)
         manifest_path = None
         complete = all_meta is not None
         metas = all_meta if complete else own_meta
@@ -650,31 +416,8 @@ def build_synthetic(
         shards=[out_dir / metas[s]["file"] for s in sorted(metas)], shards_resumed=resumed, seconds=seconds,
         variants_per_second=generated / gen_seconds if gen_seconds > 0 else 0.0, manifest_path=manifest_path,
         classes=list(sel.source.classes),
-        label_filter=_sum_draws(metas.values(), sel.source.classes) if label_filter else None,
+        label_filter=sum_draws(metas.values(), sel.source.classes) if label_filter else None,
     )
-
-
-def _finalise(out_dir: Path, plan: dict, n_shards: int, spec_hash: str, known: dict) -> dict | None:
-    """Write manifest.json if every shard is complete; returns all sidecars, or None."""
-    metas = {}
-    for s in range(n_shards):
-        meta = _shard_complete(out_dir, s, spec_hash, verify=s not in known)
-        if meta is None:
-            return None
-        metas[s] = meta
-    manifest = dict(plan)
-    if "label_filter" in plan["generation"]:
-        manifest["label_filter_draws"] = _sum_draws(metas.values(), plan["source"]["classes"])
-    manifest.update({
-        "complete": True,
-        "records": sum(m["records"] for m in metas.values()),
-        "dropped": sum(m["dropped"] for m in metas.values()),
-        "skipped_sources": [list(x) for x in plan["provenance"]["skipped"]],
-        "shards": [{k: metas[s][k] for k in ("shard", "file", "record_range", "records", "dropped", "bytes",
-                                              "sha256", "label_filter") if k in metas[s]} for s in range(n_shards)],
-    })
-    _atomic_write(out_dir / MANIFEST_NAME, _json_bytes(manifest))
-    return metas
 
 
 @torch.inference_mode()
@@ -733,15 +476,6 @@ def _generate_shard(pipe, sel: _Selection, lo: int, hi: int, *, K: int, V: int, 
     return rows, dropped, draws
 
 
-def _identity_settings(settings: GenerationSettings) -> dict:
-    """Resolved settings as a cache records them. ``repaint_fraction`` at its official 1.0 is
-    left out, so caches built before the knob existed keep their identity."""
-    out = settings.to_dict()
-    if out["repaint_fraction"] == FULL_REPAINT:
-        del out["repaint_fraction"]
-    return out
-
-
 def _prototypes(pipe, sel: _Selection, batch_size: int) -> PrototypeFilter:
     """Class prototypes from the build's own (selected) source images."""
     if len(sel.source.classes) < 2 or len(set(sel.source.labels)) < 2:
@@ -758,19 +492,6 @@ def _prototypes(pipe, sel: _Selection, batch_size: int) -> PrototypeFilter:
         reps.append(pipe.encode(x.to(pipe.device)))
     return PrototypeFilter.from_representations(torch.cat(reps), torch.as_tensor(list(sel.source.labels)),
                                                 num_classes=len(sel.source.classes))
-
-
-def _sum_draws(metas, classes) -> dict[str, dict[str, int]]:
-    """Per class name: draws generated and variants accepted by the label filter, over shards."""
-    total = {c: {"generated": 0, "accepted": 0} for c in classes}
-    for m in metas:
-        d = m.get("label_filter")
-        if d is None:
-            continue
-        for k, c in enumerate(classes):
-            total[c]["generated"] += d["generated"][k]
-            total[c]["accepted"] += d["accepted"][k]
-    return total
 
 
 __all__ = ["BuildLockedError", "BuildSummary", "CACHE_FORMAT", "MANIFEST_NAME", "StaleCacheError", "batch_seed",

@@ -10,7 +10,9 @@ from pathlib import Path
 import numpy as np
 from torch.utils.data import Dataset
 
-from .build import CACHE_FORMAT, MANIFEST_NAME, _sha256_file
+from ..files import sha256_file
+from .cache_files import MANIFEST_NAME
+from .cache_manifest import CACHE_FORMAT
 
 logger = logging.getLogger(__name__)
 
@@ -49,7 +51,7 @@ def load_synthetic(out_dir: str | os.PathLike, *, verify: bool = False):
         if not path.is_file() or path.stat().st_size != shard["bytes"]:
             raise ValueError(f"{path}: missing or of the wrong size; rebuild the cache with --overwrite")
         if verify:
-            if _sha256_file(path) != shard["sha256"]:
+            if sha256_file(path) != shard["sha256"]:
                 raise ValueError(f"{path}: sha256 does not match the manifest; rebuild the cache with --overwrite")
         parts.append(datasets.Dataset.from_file(str(path)))
     ds = datasets.concatenate_datasets(parts)

@@ -61,9 +61,10 @@ class EncoderConfig:
         return asdict(self)
 
 
+# Keyed by the pipeline preset each belongs to (rcg_augment.presets): one name in every model.
 ENCODER_PRESETS: dict[str, EncoderConfig] = {
-    "vit_base": EncoderConfig(),
-    "vit_large": EncoderConfig(embed_dim=1024, depth=24, num_heads=16),
+    "rcg-b": EncoderConfig(),  # MoCo v3 ViT-B
+    "rcg-l": EncoderConfig(embed_dim=1024, depth=24, num_heads=16),  # MoCo v3 ViT-L
     # CPU-trainable: 32 px, 8x8 patches of 4 px.
     "tiny": EncoderConfig(
         image_size=32, patch_size=4, embed_dim=192, depth=4, num_heads=3, proj_hidden_dim=1024

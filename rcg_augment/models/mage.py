@@ -2,12 +2,11 @@
 
 The network maps (partially masked token grid, representation) to logits over the codebook for
 every grid position. Parallel iterative decoding lives in :mod:`rcg_augment.sampling.maskgit`;
-the masked-token training objective is :meth:`MAGE.training_loss`.
+the masked-token training objective (mask sampling, loss) is in :mod:`rcg_augment.training.mage`.
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass
 from functools import partial
 
@@ -76,9 +75,10 @@ class MAGEConfig:
         return asdict(self)
 
 
+# Keyed by the pipeline preset each belongs to (rcg_augment.presets): one name in every model.
 MAGE_PRESETS: dict[str, MAGEConfig] = {
-    "mage_vit_base": MAGEConfig(),
-    "mage_vit_large": MAGEConfig(
+    "rcg-b": MAGEConfig(),  # MAGE ViT-B
+    "rcg-l": MAGEConfig(  # MAGE ViT-L
         embed_dim=1024, depth=24, num_heads=16, decoder_embed_dim=1024, decoder_depth=8,
         decoder_num_heads=16, temperature=11.0,
     ),
@@ -118,16 +118,6 @@ class MLMHead(nn.Module):
     def forward(self, x: torch.Tensor, word_embeddings: torch.Tensor) -> torch.Tensor:
         h = self.ln(F.gelu(self.fc(x)))
         return h @ word_embeddings.detach().t() + self.bias
-
-
-def truncated_normal(
-    n: int, mu: float, std: float, low: float, high: float, *, generator: torch.Generator | None = None
-) -> torch.Tensor:
-    """Samples from N(mu, std) truncated to [low, high] by inverting the CDF (seeded, no scipy)."""
-    normal = torch.distributions.Normal(torch.tensor(mu, dtype=torch.float64), torch.tensor(std, dtype=torch.float64))
-    lo, hi = normal.cdf(torch.tensor(low, dtype=torch.float64)), normal.cdf(torch.tensor(high, dtype=torch.float64))
-    u = lo + (hi - lo) * torch.rand(n, generator=generator, dtype=torch.float64)
-    return normal.icdf(u).clamp(low, high).float()
 
 
 class MAGE(nn.Module):
@@ -214,46 +204,5 @@ class MAGE(nn.Module):
         logits = self.mlm_layer(self.decoder_norm(h), self.token_emb.word_embeddings.weight)
         return logits[:, 1:, : c.codebook_size]
 
-    def sample_masks(
-        self, bsz: int, *, generator: torch.Generator | None = None, device: torch.device | str = "cpu"
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Training masks (masked, dropped), each (B, L) bool, with the official ratio distribution.
 
-        One mask rate per batch from the truncated normal; ceil(L * mask_ratio_min) positions are
-        dropped from the encoder and ceil(L * rate) are masked (the dropped ones among them).
-        """
-        c = self.config
-        length = c.num_tokens
-        rate = truncated_normal(
-            1, c.mask_ratio_mu, c.mask_ratio_std, c.mask_ratio_min, c.mask_ratio_max, generator=generator
-        ).item()
-        num_dropped = math.ceil(length * c.mask_ratio_min)
-        num_masked = max(math.ceil(length * rate), num_dropped)
-        ranks = torch.rand(bsz, length, generator=generator).argsort(dim=1).argsort(dim=1).to(device)
-        return ranks < num_masked, ranks < num_dropped
-
-    def training_loss(
-        self, tokens: torch.Tensor, rep: torch.Tensor, *, generator: torch.Generator | None = None
-    ) -> torch.Tensor:
-        """Masked-token loss: label-smoothed cross-entropy over masked positions.
-
-        ``tokens`` (B, L) are clean code indices; ``rep`` (B, rep_dim) the normalised
-        representations. The representation is replaced by ``fake_latent`` with probability
-        ``rep_drop_prob`` so the same network gives the unconditional logits for guidance.
-        """
-        c = self.config
-        bsz = tokens.shape[0]
-        masked, dropped = self.sample_masks(bsz, generator=generator, device=tokens.device)
-        inputs = tokens.masked_fill(masked, c.mask_token_id)
-        drop_rep = (torch.rand(bsz, generator=generator) < c.rep_drop_prob).to(tokens.device)[:, None]
-        rep = torch.where(drop_rep, self.fake_latent.to(rep.dtype).expand_as(rep), rep)
-        logits = self(inputs, rep, drop_mask=dropped)
-        ce = F.cross_entropy(
-            logits.reshape(-1, c.codebook_size).float(), tokens.reshape(-1),
-            label_smoothing=c.label_smoothing, reduction="none",
-        ).view_as(tokens)
-        weights = masked.float()
-        return (ce * weights).sum() / weights.sum()
-
-
-__all__ = ["MAGE", "MAGEConfig", "MAGE_PRESETS", "truncated_normal"]
+__all__ = ["MAGE", "MAGEConfig", "MAGE_PRESETS"]

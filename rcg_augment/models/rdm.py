@@ -45,10 +45,11 @@ class RDMConfig:
         return asdict(self)
 
 
+# Keyed by the pipeline preset each belongs to (rcg_augment.presets): one name in every model.
 RDM_PRESETS: dict[str, RDMConfig] = {
     # Official ViT-B and ViT-L RDMs share one MLP (the representation is 256-d in both).
-    "rdm_vit_base": RDMConfig(),
-    "rdm_vit_large": RDMConfig(),
+    "rcg-b": RDMConfig(),
+    "rcg-l": RDMConfig(),
     "tiny": RDMConfig(hidden_dim=512, num_blocks=4, sampling_steps=50),
 }
 

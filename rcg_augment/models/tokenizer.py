@@ -54,8 +54,11 @@ class TokenizerConfig:
         return asdict(self)
 
 
+# Keyed by the pipeline preset each belongs to (rcg_augment.presets): one name in every model.
 TOKENIZER_PRESETS: dict[str, TokenizerConfig] = {
-    "official": TokenizerConfig(),
+    # Both official pipelines use the one MaskGIT VQGAN (vqgan_jax_strongaug.ckpt).
+    "rcg-b": TokenizerConfig(),
+    "rcg-l": TokenizerConfig(),
     # 32 px -> 8x8 tokens of a 256-entry codebook.
     "tiny": TokenizerConfig(
         image_size=32, ch=32, ch_mult=(1, 2, 2), num_res_blocks=1, z_channels=32, codebook_size=256, norm_groups=8

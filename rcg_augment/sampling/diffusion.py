@@ -12,6 +12,8 @@ from collections.abc import Callable
 
 import torch
 
+from ..settings import GenerationSettings
+
 Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
@@ -56,24 +58,22 @@ class NoiseSchedule:
 
 
 class DDIMSampler:
-    """DDIM over ``num_steps`` uniformly spaced timesteps (1, 1 + c, 1 + 2c, ... with c = T // num_steps).
+    """DDIM over ``rdm_steps`` uniformly spaced timesteps (1, 1 + c, 1 + 2c, ... with c = T // rdm_steps).
 
     ``eta`` = 0 is the deterministic sampler; ``eta`` = 1 (the official RDM setting) adds the
-    DDPM-like posterior noise.
+    DDPM-like posterior noise. Both are checked by :class:`~rcg_augment.settings.GenerationSettings`,
+    the one home of the generation settings' bounds.
     """
 
-    def __init__(self, schedule: NoiseSchedule, num_steps: int = 250, eta: float = 1.0):
+    def __init__(self, schedule: NoiseSchedule, rdm_steps: int = 250, eta: float = 1.0):
         T = schedule.num_timesteps
-        if not 1 <= num_steps <= T:
-            raise ValueError(f"`rdm_steps` must be in [1, {T}], got {num_steps}")
-        if eta < 0:
-            raise ValueError(f"`eta` must be >= 0, got {eta}")
+        GenerationSettings(rdm_steps=rdm_steps, eta=eta).check_bounds(num_timesteps=T)
         self.schedule = schedule
-        self.num_steps = num_steps
+        self.rdm_steps = rdm_steps
         self.eta = eta
-        c = T // num_steps
-        # The official spacing is range(0, T, c) + 1; exactly num_steps of them, kept inside [1, T-1].
-        self.timesteps = (torch.arange(num_steps) * c + 1).clamp(max=T - 1)
+        c = T // rdm_steps
+        # The official spacing is range(0, T, c) + 1; exactly rdm_steps of them, kept inside [1, T-1].
+        self.timesteps = (torch.arange(rdm_steps) * c + 1).clamp(max=T - 1)
         ac = schedule.alphas_cumprod
         self.alphas = ac[self.timesteps]
         self.alphas_prev = torch.cat([ac[:1], ac[self.timesteps[:-1]]])
@@ -91,9 +91,9 @@ class DDIMSampler:
         direction = (1 - a_prev - sigma**2).clamp(min=0).sqrt() * eps
         return a_prev.sqrt() * x0_pred + direction + sigma * noise
 
-    def num_steps_for(self, noise_level: torch.Tensor) -> torch.Tensor:
-        """How many of the ``num_steps`` DDIM steps a noise level in [0, 1] runs (rounded)."""
-        return torch.round(noise_level.double() * self.num_steps).long()
+    def steps_for(self, noise_level: torch.Tensor) -> torch.Tensor:
+        """How many of the ``rdm_steps`` DDIM steps a noise level in [0, 1] runs (rounded)."""
+        return torch.round(noise_level.double() * self.rdm_steps).long()
 
     def renoise(
         self, z0: torch.Tensor, noise_level: float | torch.Tensor, *, generator: torch.Generator | None = None
@@ -111,11 +111,11 @@ class DDIMSampler:
             raise ValueError(f"`noise_level` needs 1 or {z0.shape[0]} values, got {level.numel()}")
         if not torch.all((level >= 0) & (level <= 1)):
             raise ValueError(f"`noise_level` must be in [0, 1], got {level.tolist()}")
-        steps = self.num_steps_for(level)
+        steps = self.steps_for(level)
         noise = _randn(z0.shape, generator=generator, device=z0.device, dtype=z0.dtype)
         start = (steps - 1).clamp(min=0)
         z_t = self.schedule.add_noise(z0, noise, self.timesteps[start])
-        pure = (steps == self.num_steps).to(z0.device)[:, None]
+        pure = (steps == self.rdm_steps).to(z0.device)[:, None]
         keep = (steps == 0).to(z0.device)[:, None]
         z_t = torch.where(pure, noise, torch.where(keep, z0, z_t))
         return z_t, steps.to(z0.device)
@@ -143,9 +143,9 @@ class DDIMSampler:
         self, model: Denoiser, shape: tuple[int, ...], *, generator: torch.Generator | None = None,
         device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
     ) -> torch.Tensor:
-        """Unconditional samples: pure noise through all ``num_steps`` steps."""
+        """Unconditional samples: pure noise through all ``rdm_steps`` steps."""
         z = _randn(shape, generator=generator, device=device, dtype=dtype)
-        steps = torch.full((shape[0],), self.num_steps, dtype=torch.long, device=device)
+        steps = torch.full((shape[0],), self.rdm_steps, dtype=torch.long, device=device)
         return self.denoise(model, z, steps, generator=generator)
 
 

@@ -13,6 +13,8 @@ import math
 import torch
 import torch.nn.functional as F
 
+from ..settings import GenerationSettings
+
 
 def mask_ratio(step: int, num_iter: int) -> float:
     """Fraction of tokens left masked after step ``step`` (0-based): cos(pi/2 * (step+1)/num_iter)."""
@@ -39,8 +41,7 @@ def keep_source_tokens(
 ) -> torch.Tensor:
     """Mask round(L * repaint_fraction) positions of each row of ``tokens`` (B, L), chosen uniformly
     at random per row; the rest keep the source's codes. The start grid of source-anchored decoding."""
-    if not 0.0 < repaint_fraction <= 1.0:
-        raise ValueError(f"`repaint_fraction` must be in (0, 1], got {repaint_fraction}")
+    GenerationSettings(repaint_fraction=repaint_fraction)  # the one check of its range
     bsz, length = tokens.shape
     num_masked = max(1, round(length * repaint_fraction))
     ranks = torch.rand(bsz, length, generator=generator, device=tokens.device).argsort(-1).argsort(-1)
@@ -72,12 +73,7 @@ def maskgit_decode(
             :func:`keep_source_tokens`); None starts fully masked. The cosine schedule runs over
             each row's masked count, so a fully masked start decodes exactly as None does.
     """
-    if num_iter < 1:
-        raise ValueError(f"`num_iter` must be >= 1, got {num_iter}")
-    if temperature < 0:
-        raise ValueError(f"`temperature` must be >= 0, got {temperature}")
-    if cfg < 0:
-        raise ValueError(f"`cfg` must be >= 0, got {cfg}")
+    GenerationSettings(num_iter=num_iter, temperature=temperature, cfg=cfg)  # the one check of their ranges
     c = model.config
     bsz, length, device = rep.shape[0], c.num_tokens, rep.device
     guided = cfg > 0

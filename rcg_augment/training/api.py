@@ -20,22 +20,20 @@ from pathlib import Path
 
 import torch
 
+from ..config import NETWORKS
 from ..data.sources import ImageSource, open_source
 from ..pipeline import CONFIG_NAME, PipelineConfig, RCGPipeline
-from .encoder import EncoderStage
-from .loop import Stage, TrainConfig, TrainResult, derive_seed, run_training
-from .mage import MAGEStage
-from .rdm import RDMStage
+from ..presets import SECTIONS, preset_config
+from .data_order import derive_seed
+from .loop import run_training
 from .recipes import RECIPES, Recipe, get_recipe
-from .tokenizer import TokenizerStage
+from .registry import STAGES, stage_class
+from .stage import Stage, TrainConfig, TrainResult
 
 logger = logging.getLogger(__name__)
 
-# Training order: the RDM needs the encoder; MAGE needs the encoder and the tokenizer.
-STAGES = ("encoder", "tokenizer", "rdm", "mage")
-STAGE_CLASSES: dict[str, type[Stage]] = {
-    "encoder": EncoderStage, "tokenizer": TokenizerStage, "rdm": RDMStage, "mage": MAGEStage,
-}
+# The registry's stages (in training order) and their classes.
+STAGE_CLASSES: dict[str, type[Stage]] = {name: stage_class(name) for name in STAGES}
 _CONFIG_FIELDS = {f.name for f in dataclasses.fields(TrainConfig)}
 
 
@@ -115,9 +113,9 @@ def new_pipeline(preset: str = "tiny", *, in_channels: int = 3, overrides: Mappi
                  seed: int = 0) -> RCGPipeline:
     """A freshly initialised pipeline (seeded) from a preset, with config fields overridden per
     section, e.g. ``overrides={"mage": {"depth": 2}}``."""
-    base = RCGPipeline.from_preset(preset, in_channels=in_channels).config.to_dict()
+    base = preset_config(preset, in_channels=in_channels).to_dict()
     for section, values in (overrides or {}).items():
-        if section not in ("encoder", "rdm", "tokenizer", "mage", "defaults", "metadata"):
+        if section not in SECTIONS:
             raise ValueError(f"unknown pipeline section {section!r} in overrides")
         base[section] = {**base[section], **dict(values)}
     config = PipelineConfig.from_dict(base, source=f"preset {preset!r} with overrides")
@@ -134,18 +132,17 @@ def reinitialise(pipe: RCGPipeline, stages: Sequence[str], overrides: Mapping | 
     Use it to retrain one stage with another configuration on top of trained ones, e.g. a MAGE
     with ``{"mage": {"depth": 6}}`` over a trained encoder and tokenizer.
     """
-    for name in stages:
-        _check_stage(name)
+    networks = {STAGE_CLASSES[_check_stage(name)].network or name for name in stages}
     data = pipe.config.to_dict()
     for section, values in (overrides or {}).items():
-        if section in stages or section == "defaults":
+        if section in networks or section == "defaults":
             data[section] = {**data[section], **dict(values)}
     config = PipelineConfig.from_dict(data, source=f"re-initialised {list(stages)}")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(derive_seed(seed, "pipeline-init"))
         fresh = RCGPipeline(config)
-    for name in STAGES:
-        if name not in stages:
+    for name in NETWORKS:
+        if name not in networks:
             getattr(fresh, name).load_state_dict(getattr(pipe, name).state_dict())
     return fresh.to(pipe.device)
 

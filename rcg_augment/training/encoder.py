@@ -25,7 +25,7 @@ from .augment import (
     random_solarize,
     resized_crop_flip,
 )
-from .loop import Stage, StepContext
+from .stage import Stage, StepContext
 
 
 class MoCoModel(nn.Module):
@@ -70,6 +70,7 @@ class EncoderStage(Stage):
     color: bool = True
 
     name = "encoder"
+    network = "encoder"
     lr_scaling = "per256"
     default_blr = 1.5e-4
     default_weight_decay = 0.1

@@ -1,376 +1,59 @@
 """One accelerate training loop shared by every RCG stage.
 
-A :class:`Stage` contributes only what is particular to it: which module trains (the rest of the
-pipeline is frozen and in eval mode), how a batch of images becomes a loss, whether an EMA copy
-is kept (and how its decay moves), and its optimizer defaults. :func:`run_training` does the
-rest: the :class:`accelerate.Accelerator` (one CPU process, or ``accelerate launch`` with many
+A :class:`~rcg_augment.training.stage.Stage` contributes only what is particular to it (its
+module, its batch -> loss, its EMA and optimizer defaults). :func:`run_training` does the rest:
+the :class:`accelerate.Accelerator` (one CPU process, or ``accelerate launch`` with many
 processes/GPUs; bf16 autocast on GPU, float32 on CPU), gradient accumulation, clipping, AdamW
 with linear warm-up + cosine decay and the official linear scaling rule, EMA, checkpoints that
 resume exactly, ``log.jsonl`` + ``logging``, a tqdm bar, and step / wall-time budgets.
 
-Exact resume: the data order is a pure function of (seed, micro-batch index) -- one permutation
-per epoch, each process taking its slice of every global batch -- and every random draw of a
-step (augmentation, noise, masks, dropout) comes from generators seeded by (seed, stage, step,
-micro-batch, process). A run stopped at step k and resumed therefore reproduces the
-uninterrupted run's losses (bit for bit on CPU).
+The parts it is made of, one concern per module:
 
-Checkpoint safety: model weights and the EMA are safetensors; the optimizer and RNG files are
-read by accelerate with ``torch.load(weights_only=True)``; objects registered with
-``register_for_checkpointing`` (which accelerate unpickles with ``weights_only=False``) are never
-used, and a checkpoint folder holding any file outside the expected set is refused.
+- :mod:`~rcg_augment.training.stage`: ``Stage``, ``TrainConfig``, ``StepContext``, ``TrainResult``;
+- :mod:`~rcg_augment.training.data_order`: the data order and the seeds (exact resume: every
+  draw of a step is seeded by (seed, stage, step, micro-batch, process), so a run stopped at
+  step k and resumed reproduces the uninterrupted run's losses, bit for bit on CPU);
+- :mod:`~rcg_augment.training.optim`: learning rate, parameter groups, EMA update;
+- :mod:`~rcg_augment.training.checkpoints`: checkpoint files, save, load, the resume checks.
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
-import dataclasses
-import hashlib
 import json
 import logging
 import math
-import re
 import shutil
 import sys
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
 
 import torch
-from safetensors.torch import load_file, save_file
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
 
-from ..data.sources import ImageSource, pil_to_tensor
+from ..data.sources import ImageSource
 from ..pipeline import CONFIG_NAME, RCGPipeline
+from .checkpoints import (
+    BASE_DIR,
+    CHECKPOINTS_DIR,
+    DONE_NAME,
+    STATE_NAME,
+    check_checkpoint_dir,
+    list_checkpoints,
+    load_checkpoint,
+    read_state,
+    save_checkpoint,
+    settings_mismatch,
+)
+from .data_order import BatchOrder, ImageTensors, derive_seed, image_batches
+from .optim import ema_update, lr_at, param_groups, resolve_lr
+from .stage import Stage, StepContext, TrainConfig, TrainResult, jsonable
 
 logger = logging.getLogger(__name__)
 
+
 LOG_NAME = "log.jsonl"
-CHECKPOINTS_DIR = "checkpoints"
-BASE_DIR = "base"
-STATE_NAME = "trainer_state.json"
-EMA_NAME = "ema.safetensors"
-STAGE_STATE_NAME = "stage_state.safetensors"
-DONE_NAME = "done.json"
-PRELOAD_LIMIT_BYTES = 1 << 30
-# Files accelerate's save_state writes for one model + one optimizer without a scheduler,
-# dataloader or custom object, plus ours. Anything else in a checkpoint folder is refused.
-_CHECKPOINT_FILES = re.compile(
-    r"^(model(_\d+)?\.safetensors|optimizer(_\d+)?\.bin|random_states_\d+\.pkl|scaler\.pt|"
-    + "|".join(re.escape(n) for n in (EMA_NAME, STAGE_STATE_NAME, STATE_NAME)) + r")$"
-)
-_NO_WEIGHT_DECAY = ("pos_embed", "position_embeddings", "cls_token", "fake_latent", "mask_token")
-
-
-# ----------------------------------------------------------------------------- configuration
-@dataclass
-class TrainConfig:
-    """Loop settings shared by every stage. ``None`` means "the stage's default".
-
-    Args:
-        steps: optimizer steps (the length of the LR schedule), >= 1.
-        batch_size: images per process per micro-batch; the effective batch is
-            ``batch_size * grad_accum * num_processes``.
-        grad_accum: micro-batches per optimizer step.
-        lr: absolute learning rate; overrides ``blr``.
-        blr: base learning rate; ``lr = blr * effective_batch / 256`` (encoder, tokenizer, MAGE)
-            or ``blr * effective_batch`` (RDM), the official scaling rules.
-        min_lr: floor of the cosine decay.
-        warmup_steps: linear warm-up steps (default: the stage's fraction of ``steps``).
-        lr_schedule: ``"cosine"`` (after warm-up) or ``"constant"``.
-        weight_decay, betas: AdamW settings (no decay on biases, norms and position embeddings).
-        max_grad_norm: clip the global gradient norm to this; 0 disables clipping.
-        ema_decay: EMA decay where the stage keeps one (RDM, MAGE: 0.9999; the encoder's
-            momentum encoder: 0.99, cosine-ramped to 1). The EMA warms up as
-            ``min(decay, (1 + n) / (10 + n))`` after ``n`` updates, so short runs still average.
-        seed: seeds the data order and every random draw.
-        checkpoint_every: save a resumable checkpoint every N steps (0: only at the end of a
-            time budget); ``keep_checkpoints`` newest are kept.
-        log_every: write a ``log.jsonl`` record (losses averaged over the window) every N steps.
-        max_time: wall-clock budget in seconds; the loop checkpoints and stops when it is spent.
-        max_steps: step budget of this call: checkpoint and stop once the run reaches this step
-            (the schedule keeps its ``steps`` length; calling again resumes).
-        num_workers: DataLoader workers for sources too large to hold in memory as tensors.
-        mixed_precision: ``"auto"`` (bf16 on GPU, none on CPU), ``"no"`` or ``"bf16"``.
-        resume: continue from the newest checkpoint in ``out_dir/checkpoints/<stage>`` (and
-            skip a stage already finished there); ``False`` deletes them and starts over.
-        keep_finished_checkpoints: keep the checkpoints once a stage has finished.
-        progress: show a tqdm bar on the main process.
-        run_name: name of this run's checkpoint folder ``checkpoints/<run_name>`` (default: the
-            stage's name). A second run of a stage into the same output folder (a recipe's
-            continuation phase) needs a name of its own, or it is taken for the finished first.
-    """
-
-    steps: int = 1000
-    batch_size: int = 64
-    grad_accum: int = 1
-    lr: float | None = None
-    blr: float | None = None
-    min_lr: float = 0.0
-    warmup_steps: int | None = None
-    lr_schedule: str | None = None
-    weight_decay: float | None = None
-    betas: tuple[float, float] | None = None
-    max_grad_norm: float | None = None
-    ema_decay: float | None = None
-    seed: int = 0
-    checkpoint_every: int = 500
-    keep_checkpoints: int = 2
-    log_every: int = 10
-    max_time: float | None = None
-    max_steps: int | None = None
-    num_workers: int = 0
-    mixed_precision: str = "auto"
-    resume: bool = True
-    keep_finished_checkpoints: bool = False
-    progress: bool = True
-    run_name: str | None = None
-
-    def __post_init__(self) -> None:
-        if self.run_name is not None and (
-            not self.run_name or self.run_name in (".", "..") or any(ch in self.run_name for ch in "/\\\0")
-        ):
-            raise ValueError(f"`run_name` must be a plain folder name, got {self.run_name!r}")
-        if self.betas is not None:
-            self.betas = tuple(float(b) for b in self.betas)
-        checks = [
-            ("steps", self.steps >= 1, ">= 1"), ("batch_size", self.batch_size >= 1, ">= 1"),
-            ("grad_accum", self.grad_accum >= 1, ">= 1"),
-            ("lr", self.lr is None or self.lr > 0, "> 0"), ("blr", self.blr is None or self.blr > 0, "> 0"),
-            ("min_lr", self.min_lr >= 0, ">= 0"),
-            ("warmup_steps", self.warmup_steps is None or self.warmup_steps >= 0, ">= 0"),
-            ("lr_schedule", self.lr_schedule in (None, "cosine", "constant"), "'cosine' or 'constant'"),
-            ("weight_decay", self.weight_decay is None or self.weight_decay >= 0, ">= 0"),
-            ("betas", self.betas is None or (len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas)),
-             "two values in [0, 1)"),
-            ("max_grad_norm", self.max_grad_norm is None or self.max_grad_norm >= 0, ">= 0 (0 disables)"),
-            ("ema_decay", self.ema_decay is None or 0 <= self.ema_decay < 1, "in [0, 1)"),
-            ("checkpoint_every", self.checkpoint_every >= 0, ">= 0"),
-            ("keep_checkpoints", self.keep_checkpoints >= 1, ">= 1"),
-            ("log_every", self.log_every >= 1, ">= 1"),
-            ("max_time", self.max_time is None or self.max_time > 0, "> 0 seconds"),
-            ("max_steps", self.max_steps is None or self.max_steps >= 1, ">= 1"),
-            ("num_workers", self.num_workers >= 0, ">= 0"),
-            ("mixed_precision", self.mixed_precision in ("auto", "no", "bf16"), "'auto', 'no' or 'bf16'"),
-        ]
-        for name, ok, rule in checks:
-            if not ok:
-                raise ValueError(f"`{name}` must be {rule}, got {getattr(self, name)!r}")
-
-
-@dataclass
-class StepContext:
-    """What a stage's ``loss`` / ``after_step`` may use besides the model and the images."""
-
-    step: int  # index of the optimizer step being computed, 0-based
-    total_steps: int
-    micro: int  # micro-batch index within the step
-    generator: torch.Generator  # CPU generator for this step, micro-batch and process
-    accelerator: Any
-    pipe: RCGPipeline
-    unwrapped: nn.Module  # the stage's trainable module, without DDP/holder wrappers
-    ema: nn.Module | None
-    optimizer: Any
-    seed: int
-
-
-class Stage:
-    """Base class of a training stage. Subclasses are dataclasses whose fields are the stage's
-    options (augmentation, loss settings); they override :meth:`build`, :meth:`loss` and,
-    where needed, :meth:`finish`, :meth:`after_step`, :meth:`ema_decay_at`."""
-
-    name: ClassVar[str] = "stage"
-    lr_scaling: ClassVar[str] = "per256"  # "per256": blr * batch / 256; "linear": blr * batch
-    default_blr: ClassVar[float] = 1.5e-4
-    default_weight_decay: ClassVar[float] = 0.05
-    default_betas: ClassVar[tuple[float, float]] = (0.9, 0.999)
-    default_warmup_fraction: ClassVar[float] = 0.05
-    default_lr_schedule: ClassVar[str] = "cosine"
-    default_max_grad_norm: ClassVar[float] = 0.0
-    default_ema_decay: ClassVar[float | None] = None  # None: the stage keeps no EMA
-    ema_train_mode: ClassVar[bool] = False  # the EMA copy runs forward in train mode (MoCo)
-
-    def options(self) -> dict:
-        return _jsonable(dataclasses.asdict(self)) if dataclasses.is_dataclass(self) else {}
-
-    def image_size(self, pipe: RCGPipeline) -> int:
-        """Side of the square images the stage reads (the pipeline's pixel resolution)."""
-        return pipe.image_size
-
-    def build(self, pipe: RCGPipeline) -> nn.Module:
-        """The trainable module (parameters that train have ``requires_grad=True``). Its
-        ``forward`` must do all the differentiable work so DDP can synchronise gradients."""
-        raise NotImplementedError
-
-    def ema_source(self, model: nn.Module) -> nn.Module:
-        """The part of ``build()``'s module the EMA tracks."""
-        return model
-
-    def ema_decay_at(self, base: float, step: int, total: int) -> float:
-        """Decay of the EMA update after ``step`` optimizer steps (LitEma's warm-up)."""
-        return min(base, (1 + step) / (10 + step))
-
-    def loss(self, model: nn.Module, images: torch.Tensor, ctx: StepContext) -> tuple[torch.Tensor, dict]:
-        """Images (B, C, S, S) in [0, 1] on the device -> (scalar loss, {name: float metric})."""
-        raise NotImplementedError
-
-    def after_step(self, ctx: StepContext) -> dict:
-        """Called after each optimizer step (and EMA update) on every process; returns metrics."""
-        return {}
-
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        """Tensors a stage keeps across steps (saved in checkpoints)."""
-        return {}
-
-    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        pass
-
-    def finish(self, pipe: RCGPipeline, model: nn.Module, ema: nn.Module | None) -> None:
-        """Write the trained weights (the EMA where the stage keeps one) into ``pipe``."""
-
-
-@dataclass
-class TrainResult:
-    """What :func:`run_training` did."""
-
-    stage: str
-    out_dir: Path
-    pipeline: RCGPipeline
-    steps_done: int
-    total_steps: int
-    completed: bool
-    skipped: bool = False  # already finished in out_dir (resume)
-    resumed_from: int | None = None
-    seconds: float = 0.0
-    history: list[dict] = field(default_factory=list)  # this run's log records
-
-    @property
-    def final_loss(self) -> float | None:
-        losses = [r["loss"] for r in self.history if "loss" in r]
-        return losses[-1] if losses else None
-
-
-# ----------------------------------------------------------------------------- helpers
-def _jsonable(value):
-    if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, Path):
-        return str(value)
-    return value
-
-
-def derive_seed(*parts) -> int:
-    """A 63-bit seed from any parts (stable across processes and Python runs)."""
-    digest = hashlib.sha256(repr(parts).encode()).digest()
-    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
-
-
-def resolve_lr(stage: Stage, config: TrainConfig, effective_batch: int) -> float:
-    """The absolute learning rate: ``lr`` if given, else the stage's scaling rule on ``blr``."""
-    if config.lr is not None:
-        return float(config.lr)
-    blr = stage.default_blr if config.blr is None else config.blr
-    return blr * effective_batch / (256.0 if stage.lr_scaling == "per256" else 1.0)
-
-
-def lr_at(step: int, *, lr: float, steps: int, warmup: int, schedule: str, min_lr: float = 0.0) -> float:
-    """Linear warm-up over ``warmup`` steps, then cosine decay to ``min_lr`` (or constant)."""
-    if step < warmup:
-        return lr * (step + 1) / warmup
-    if schedule == "constant" or steps <= warmup:
-        return lr
-    progress = (step - warmup) / max(1, steps - warmup)
-    return min_lr + (lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
-
-
-class BatchOrder:
-    """Which images each process reads for each micro-batch, as a pure function of the seed.
-
-    The stream is one seeded permutation per epoch, concatenated; global micro-batch ``b`` is
-    positions ``[b * G, (b + 1) * G)`` of it (G = batch_size * num_processes, so a batch may
-    span two epochs and datasets smaller than a batch still work), and process ``r`` takes
-    slice ``r`` of it.
-    """
-
-    def __init__(self, num_items: int, batch_size: int, num_processes: int, process_index: int, seed: int):
-        if num_items < 1:
-            raise ValueError("the training data is empty")
-        self.n, self.batch_size, self.seed = num_items, batch_size, seed
-        self.num_processes, self.process_index = num_processes, process_index
-        self._cache: dict[int, torch.Tensor] = {}
-
-    @property
-    def global_batch(self) -> int:
-        return self.batch_size * self.num_processes
-
-    def permutation(self, epoch: int) -> torch.Tensor:
-        if epoch not in self._cache:
-            if len(self._cache) > 4:
-                self._cache.clear()
-            g = torch.Generator().manual_seed(derive_seed(self.seed, "data-order", epoch))
-            self._cache[epoch] = torch.randperm(self.n, generator=g)
-        return self._cache[epoch]
-
-    def epoch_of(self, batch: int) -> float:
-        return batch * self.global_batch / self.n
-
-    def indices(self, batch: int) -> list[int]:
-        start = batch * self.global_batch + self.process_index * self.batch_size
-        out: list[torch.Tensor] = []
-        pos, need = start, self.batch_size
-        while need:
-            epoch, offset = divmod(pos, self.n)
-            take = min(self.n - offset, need)
-            out.append(self.permutation(epoch)[offset: offset + take])
-            pos, need = pos + take, need - take
-        return torch.cat(out).tolist()
-
-    def __call__(self, start: int) -> Iterator[list[int]]:
-        batch = start
-        while True:
-            yield self.indices(batch)
-            batch += 1
-
-
-class _BatchSampler:
-    """Infinite batch sampler over a :class:`BatchOrder`, for a DataLoader with workers."""
-
-    def __init__(self, order: BatchOrder, start: int):
-        self.order, self.start = order, start
-
-    def __iter__(self):
-        return self.order(self.start)
-
-
-class ImageTensors(Dataset):
-    """An :class:`ImageSource` as (C, size, size) float tensors in [0, 1]."""
-
-    def __init__(self, source: ImageSource, size: int, channels: int):
-        self.source, self.size, self.channels = source, size, channels
-
-    def __len__(self) -> int:
-        return len(self.source)
-
-    def __getitem__(self, index: int) -> torch.Tensor:
-        return pil_to_tensor(self.source.load(index), self.size, self.channels)
-
-
-def _batches(data: ImageTensors, order: BatchOrder, start: int, num_workers: int, show: bool) -> Iterator[torch.Tensor]:
-    nbytes = len(data) * data.channels * data.size**2 * 4
-    if nbytes <= PRELOAD_LIMIT_BYTES:
-        from tqdm.auto import tqdm
-
-        images = torch.stack([data[i] for i in tqdm(range(len(data)), desc="loading images", disable=not show,
-                                                    leave=False)])
-        return (images[idx] for idx in order(start))
-    loader = DataLoader(data, batch_sampler=_BatchSampler(order, start), num_workers=num_workers,
-                        collate_fn=torch.stack, persistent_workers=num_workers > 0)
-    return iter(loader)
 
 
 class _Holder(nn.Module):
@@ -382,30 +65,6 @@ class _Holder(nn.Module):
 
     def forward(self, *args, **kwargs):
         return self.module(*args, **kwargs)
-
-
-def _param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        skip = p.ndim <= 1 or name.endswith(".bias") or any(k in name for k in _NO_WEIGHT_DECAY)
-        (no_decay if skip else decay).append(p)
-    if not decay and not no_decay:
-        raise ValueError("the stage's module has no trainable parameters")
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-
-
-@torch.no_grad()
-def ema_update(ema: nn.Module, model: nn.Module, decay: float, *, copy_buffers: bool) -> None:
-    """``ema = decay * ema + (1 - decay) * model`` for parameters; buffers copied if asked."""
-    params = dict(model.named_parameters())
-    for name, e in ema.named_parameters():
-        e.lerp_(params[name].detach().to(e.dtype), 1.0 - decay)
-    if copy_buffers:
-        buffers = dict(model.named_buffers())
-        for name, b in ema.named_buffers():
-            b.copy_(buffers[name])
 
 
 def _mixed_precision(choice: str) -> str:
@@ -429,39 +88,6 @@ def make_accelerator(mixed_precision: str = "auto"):
         raise ValueError(f"cannot start accelerate with mixed_precision={precision!r}: {err}") from err
 
 
-def check_checkpoint_dir(path: Path) -> None:
-    """Refuse a checkpoint folder holding files a resume would read unsafely or not at all."""
-    if not (path / STATE_NAME).is_file():
-        raise ValueError(f"{path} is not a complete checkpoint ({STATE_NAME} is missing)")
-    unexpected = sorted(p.name for p in path.iterdir() if not _CHECKPOINT_FILES.match(p.name))
-    if unexpected:
-        raise ValueError(
-            f"checkpoint {path} holds unexpected files {unexpected}; only safetensors weights, "
-            "accelerate's optimizer/RNG files (read with weights_only=True) and our JSON are loaded. "
-            "Remove them, or start over with resume=False (--no-resume)"
-        )
-    if not any(p.name.startswith("model") and p.suffix == ".safetensors" for p in path.iterdir()):
-        raise ValueError(f"checkpoint {path} has no model*.safetensors; it was not written by this trainer")
-
-
-def _checkpoints(root: Path) -> list[Path]:
-    found = [p for p in root.glob("step_*") if p.is_dir() and (p / STATE_NAME).is_file()]
-    return sorted(found, key=lambda p: int(p.name.split("_")[1]))
-
-
-def _read_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as err:
-        raise ValueError(f"{path}: unreadable trainer state ({err})") from err
-
-
-def _settings_mismatch(saved: dict, current: dict) -> list[str]:
-    keys = sorted(set(saved) | set(current))
-    return [f"{k}: {saved.get(k)!r} -> {current.get(k)!r}" for k in keys if saved.get(k) != current.get(k)]
-
-
-# ----------------------------------------------------------------------------- the loop
 def run_training(
     stage: Stage, pipe: RCGPipeline, source: ImageSource, out_dir: str | Path, config: TrainConfig, *,
     metadata: dict | None = None,
@@ -493,7 +119,7 @@ def run_training(
     if stage.default_ema_decay is None:
         ema_decay = None
     size, channels = stage.image_size(pipe), pipe.in_channels
-    settings = _jsonable({
+    settings = jsonable({
         "stage": stage.name, "options": stage.options(), "steps": config.steps, "batch_size": config.batch_size,
         "grad_accum": config.grad_accum, "num_processes": nproc, "lr": lr, "min_lr": config.min_lr,
         "warmup_steps": warmup, "lr_schedule": schedule, "weight_decay": weight_decay, "betas": betas,
@@ -509,8 +135,8 @@ def run_training(
             shutil.rmtree(ckpt_root)
         accelerator.wait_for_everyone()
     elif done_path.is_file():
-        done = _read_json(done_path)
-        diff = _settings_mismatch(done.get("settings", {}), settings)
+        done = read_state(done_path)
+        diff = settings_mismatch(done.get("settings", {}), settings)
         if diff:
             raise ValueError(
                 f"{out_dir}: stage '{stage.name}' already finished there with other settings ({'; '.join(diff)}); "
@@ -522,11 +148,11 @@ def run_training(
         logger.info("stage %s already finished in %s; skipping (resume=False trains it again)", stage.name, out_dir)
         return TrainResult(stage.name, out_dir, RCGPipeline.from_pretrained(out_dir), config.steps, config.steps,
                            completed=True, skipped=True)
-    latest = _checkpoints(ckpt_root)[-1] if config.resume and ckpt_root.is_dir() and _checkpoints(ckpt_root) else None
+    latest = list_checkpoints(ckpt_root)[-1] if config.resume and ckpt_root.is_dir() and list_checkpoints(ckpt_root) else None
     start_step = 0
     if latest is not None:
-        saved = _read_json(latest / STATE_NAME)
-        diff = _settings_mismatch(saved.get("settings", {}), settings)
+        saved = read_state(latest / STATE_NAME)
+        diff = settings_mismatch(saved.get("settings", {}), settings)
         if diff:
             raise ValueError(
                 f"cannot resume {latest}: it was written with other settings ({'; '.join(diff)}); use the same "
@@ -553,23 +179,17 @@ def run_training(
     if ema_decay is not None:
         ema = copy.deepcopy(stage.ema_source(inner)).requires_grad_(False).float()
         ema.train(stage.ema_train_mode)
-    optimizer = torch.optim.AdamW(_param_groups(holder, weight_decay), lr=lr, betas=betas)
+    optimizer = torch.optim.AdamW(param_groups(holder, weight_decay), lr=lr, betas=betas)
     model, optimizer = accelerator.prepare(holder, optimizer)
     trainable = [p for p in holder.parameters() if p.requires_grad]
 
     if latest is not None:
-        accelerator.load_state(str(latest), load_kwargs={"weights_only": True})
-        if ema is not None:
-            ema.load_state_dict(load_file(str(latest / EMA_NAME)))  # copied onto ema's device
-        if (latest / STAGE_STATE_NAME).is_file():
-            state = load_file(str(latest / STAGE_STATE_NAME))
-            stage.load_state_dict({k: v.to(device) for k, v in state.items()})
-        start_step = int(_read_json(latest / STATE_NAME)["step"])
+        start_step = load_checkpoint(latest, accelerator=accelerator, ema=ema, stage=stage, device=device)
         logger.info("resuming stage %s from %s (step %d of %d)", stage.name, latest, start_step, config.steps)
 
     order = BatchOrder(len(source), config.batch_size, nproc, rank, config.seed)
     data = ImageTensors(source, size, channels)
-    batches = _batches(data, order, start_step * config.grad_accum, config.num_workers,
+    batches = image_batches(data, order, start_step * config.grad_accum, config.num_workers,
                        show=main and config.progress)
 
     if main:
@@ -588,21 +208,9 @@ def run_training(
     write_log({"event": "resume" if latest is not None else "start", "stage": stage.name, "step": start_step,
                "settings": settings, "time": time.time()})
 
-    def save_checkpoint(step: int) -> None:
-        path = ckpt_root / f"step_{step:08d}"
-        accelerator.wait_for_everyone()
-        accelerator.save_state(str(path), safe_serialization=True)
-        if main:
-            if ema is not None:
-                save_file({k: v.detach().contiguous().cpu() for k, v in ema.state_dict().items()}, str(path / EMA_NAME))
-            stage_state = stage.state_dict()
-            if stage_state:
-                save_file({k: v.detach().contiguous().cpu() for k, v in stage_state.items()},
-                          str(path / STAGE_STATE_NAME))
-            (path / STATE_NAME).write_text(json.dumps({"step": step, "settings": settings}, indent=1))
-            for old in _checkpoints(ckpt_root)[: -config.keep_checkpoints]:
-                shutil.rmtree(old, ignore_errors=True)
-        accelerator.wait_for_everyone()
+    def checkpoint(step: int) -> None:
+        save_checkpoint(ckpt_root, step, accelerator=accelerator, ema=ema, stage=stage, settings=settings,
+                        keep=config.keep_checkpoints)
 
     from tqdm.auto import tqdm
 
@@ -693,7 +301,7 @@ def run_training(
                 window_steps, window_t0 = 0, time.monotonic()
 
             if config.checkpoint_every and step % config.checkpoint_every == 0 and step < config.steps:
-                save_checkpoint(step)
+                checkpoint(step)
                 last_saved = step
             if step < config.steps and (config.max_time is not None or config.max_steps is not None):
                 over_time = config.max_time is not None and time.monotonic() - t_start > config.max_time
@@ -706,7 +314,7 @@ def run_training(
                     logger.warning("stage %s: %s budget spent at step %d of %d; checkpointing (run again to "
                                    "continue)", stage.name, "wall-time" if over_time else "step", step, config.steps)
                     if last_saved != step:
-                        save_checkpoint(step)
+                        checkpoint(step)
                     break
     bar.close()
 
@@ -726,7 +334,7 @@ def run_training(
               **({"run_name": config.run_name} if config.run_name else {}), **(metadata or {})}
     accelerator.wait_for_everyone()
     if main:
-        records = list(pipe.config.metadata.get("training", [])) + [_jsonable(record)]
+        records = list(pipe.config.metadata.get("training", [])) + [jsonable(record)]
         pipe.save_pretrained(out_dir, metadata={"training": records})
         write_log({"event": "end", "stage": stage.name, "step": step, "completed": completed,
                    "seconds": round(seconds, 2), "time": time.time()})
@@ -734,7 +342,7 @@ def run_training(
             done_path.parent.mkdir(parents=True, exist_ok=True)
             done_path.write_text(json.dumps({"step": step, "settings": settings}, indent=1))
             if not config.keep_finished_checkpoints:
-                for path in [*_checkpoints(ckpt_root), ckpt_root / BASE_DIR]:
+                for path in [*list_checkpoints(ckpt_root), ckpt_root / BASE_DIR]:
                     shutil.rmtree(path, ignore_errors=True)
         logger.info("stage %s: %s at step %d/%d in %.1fs; pipeline written to %s", stage.name,
                     "finished" if completed else "stopped", step, config.steps, seconds, out_dir)
@@ -744,6 +352,7 @@ def run_training(
                        else None, seconds=seconds, history=history)
 
 
+# Also the names this module exported before its parts moved out (imports of them keep working).
 __all__ = [
     "BatchOrder", "ImageTensors", "StepContext", "Stage", "TrainConfig", "TrainResult", "check_checkpoint_dir",
     "derive_seed", "ema_update", "lr_at", "make_accelerator", "resolve_lr", "run_training",

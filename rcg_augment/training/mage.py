@@ -1,34 +1,90 @@
 """MAGE stage: masked-token training of the pixel generator on frozen tokenizer + encoder.
 
 For each image: tokens = tokenizer.encode(image), rep = encoder(image) (both frozen, eval
-mode); loss = ``MAGE.training_loss(tokens, rep)``, which draws the official mask-ratio
-distribution and replaces the representation by the learned ``fake_latent`` with probability
-``rep_drop_prob`` (for classifier-free guidance). AdamW betas (0.9, 0.95), weight decay 0.05,
-gradient clipping 3.0, warm-up 10 of 200 epochs; the pipeline keeps the EMA weights.
+mode); loss = :func:`mage_training_loss`, which draws the official mask-ratio distribution
+(:func:`sample_masks`) and replaces the representation by the learned ``fake_latent`` with
+probability ``rep_drop_prob`` (for classifier-free guidance). AdamW betas (0.9, 0.95), weight
+decay 0.05, gradient clipping 3.0, warm-up 10 of 200 epochs; the pipeline keeps the EMA weights.
+The network itself (:class:`~rcg_augment.models.mage.MAGE`) only runs forward.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from ..models.mage import MAGE
+from ..models.mage import MAGE, MAGEConfig
 from ..pipeline import RCGPipeline
 from .augment import resized_crop_flip
-from .loop import Stage, StepContext
+from .stage import Stage, StepContext
+
+
+def truncated_normal(
+    n: int, mu: float, std: float, low: float, high: float, *, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """Samples from N(mu, std) truncated to [low, high] by inverting the CDF (seeded, no scipy)."""
+    normal = torch.distributions.Normal(torch.tensor(mu, dtype=torch.float64), torch.tensor(std, dtype=torch.float64))
+    lo, hi = normal.cdf(torch.tensor(low, dtype=torch.float64)), normal.cdf(torch.tensor(high, dtype=torch.float64))
+    u = lo + (hi - lo) * torch.rand(n, generator=generator, dtype=torch.float64)
+    return normal.icdf(u).clamp(low, high).float()
+
+
+def sample_masks(
+    config: MAGEConfig, bsz: int, *, generator: torch.Generator | None = None, device: torch.device | str = "cpu"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Training masks (masked, dropped), each (B, L) bool, with the official ratio distribution.
+
+    One mask rate per batch from the truncated normal; ceil(L * mask_ratio_min) positions are
+    dropped from the encoder and ceil(L * rate) are masked (the dropped ones among them).
+    """
+    c = config
+    length = c.num_tokens
+    rate = truncated_normal(
+        1, c.mask_ratio_mu, c.mask_ratio_std, c.mask_ratio_min, c.mask_ratio_max, generator=generator
+    ).item()
+    num_dropped = math.ceil(length * c.mask_ratio_min)
+    num_masked = max(math.ceil(length * rate), num_dropped)
+    ranks = torch.rand(bsz, length, generator=generator).argsort(dim=1).argsort(dim=1).to(device)
+    return ranks < num_masked, ranks < num_dropped
+
+
+def mage_training_loss(
+    mage: MAGE, tokens: torch.Tensor, rep: torch.Tensor, *, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """Masked-token loss: label-smoothed cross-entropy over masked positions.
+
+    ``tokens`` (B, L) are clean code indices; ``rep`` (B, rep_dim) the normalised
+    representations. The representation is replaced by ``fake_latent`` with probability
+    ``rep_drop_prob`` so the same network gives the unconditional logits for guidance.
+    """
+    c = mage.config
+    bsz = tokens.shape[0]
+    masked, dropped = sample_masks(c, bsz, generator=generator, device=tokens.device)
+    inputs = tokens.masked_fill(masked, c.mask_token_id)
+    drop_rep = (torch.rand(bsz, generator=generator) < c.rep_drop_prob).to(tokens.device)[:, None]
+    rep = torch.where(drop_rep, mage.fake_latent.to(rep.dtype).expand_as(rep), rep)
+    logits = mage(inputs, rep, drop_mask=dropped)
+    ce = F.cross_entropy(
+        logits.reshape(-1, c.codebook_size).float(), tokens.reshape(-1),
+        label_smoothing=c.label_smoothing, reduction="none",
+    ).view_as(tokens)
+    weights = masked.float()
+    return (ce * weights).sum() / weights.sum()
 
 
 class MAGELoss(nn.Module):
-    """``forward(tokens, rep, generator)`` = ``mage.training_loss`` (so DDP sees a forward)."""
+    """``forward(tokens, rep, generator)`` = :func:`mage_training_loss` (so DDP sees a forward)."""
 
     def __init__(self, mage: MAGE):
         super().__init__()
         self.mage = mage
 
     def forward(self, tokens: torch.Tensor, rep: torch.Tensor, generator: torch.Generator | None = None):
-        return self.mage.training_loss(tokens, rep, generator=generator)
+        return mage_training_loss(self.mage, tokens, rep, generator=generator)
 
 
 @dataclass
@@ -44,6 +100,7 @@ class MAGEStage(Stage):
     hflip: bool = False
 
     name = "mage"
+    network = "mage"
     lr_scaling = "per256"
     default_blr = 1.5e-4
     default_weight_decay = 0.05
@@ -75,4 +132,4 @@ class MAGEStage(Stage):
             pipe.mage.load_state_dict(ema.state_dict())
 
 
-__all__ = ["MAGELoss", "MAGEStage"]
+__all__ = ["MAGELoss", "MAGEStage", "mage_training_loss", "sample_masks", "truncated_normal"]

@@ -16,7 +16,7 @@ from torch import nn
 
 from ..pipeline import RCGPipeline
 from .augment import resized_crop_flip
-from .loop import Stage, StepContext
+from .stage import Stage, StepContext
 
 
 @dataclass
@@ -33,6 +33,7 @@ class RDMStage(Stage):
     hflip: bool = True
 
     name = "rdm"
+    network = "rdm"
     lr_scaling = "linear"  # official main_rdm.py: lr = blr * effective batch (no / 256)
     default_blr = 1e-6
     default_weight_decay = 0.01

@@ -22,7 +22,8 @@ from torch import nn
 
 from ..pipeline import RCGPipeline
 from .augment import resized_crop_flip
-from .loop import Stage, StepContext, derive_seed
+from .data_order import derive_seed
+from .stage import Stage, StepContext
 
 
 @dataclass
@@ -47,6 +48,7 @@ class TokenizerStage(Stage):
     pool_per_process: int = 1024
 
     name = "tokenizer"
+    network = "tokenizer"
     lr_scaling = "per256"
     default_blr = 1e-3
     default_weight_decay = 0.0

@@ -20,6 +20,8 @@ SCRIPT = ROOT / "benchmarks" / "fewshot.py"
 
 
 def load_script():
+    if str(SCRIPT.parent) not in sys.path:  # as `python benchmarks/fewshot.py` has it: for benchmarks/_common.py
+        sys.path.insert(0, str(SCRIPT.parent))
     spec = importlib.util.spec_from_file_location("fewshot_benchmark", SCRIPT)
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # dataclasses look their module up here

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from rcg_augment import RCGPipeline
@@ -14,20 +15,13 @@ FAST = {"num_iter": 2, "rdm_steps": 2}
 
 
 @pytest.fixture(autouse=True)
-def one_thread():
+def one_thread(one_torch_thread):
     """Intra-op threads thrash on a shared 2-core box (60x slower); results do not depend on it."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="session")
-def tiny_pipeline_dir(tmp_path_factory):
-    torch.manual_seed(0)
-    directory = tmp_path_factory.mktemp("tiny-pipeline")
-    RCGPipeline.from_preset("tiny", in_channels=1).save_pretrained(directory)
-    return directory
+def tiny_pipeline_dir(gray_dir):
+    return Path(gray_dir)
 
 
 @pytest.fixture(scope="session")

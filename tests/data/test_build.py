@@ -28,21 +28,11 @@ from rcg_augment.data import (
     open_source,
 )
 from rcg_augment.data.build import batch_seed
+from tests.cache_records import record_hashes
 
 from .conftest import FAST
 
 KILLS = int(os.environ.get("RCG_BUILD_KILLS", "3"))  # raise for a long run, e.g. RCG_BUILD_KILLS=50
-
-
-def record_hashes(out_dir) -> list[str]:
-    """One sha256 per record over its PNG bytes and every other column, in record order."""
-    ds = load_synthetic(out_dir).cast_column("image", datasets.Image(decode=False))
-    out = []
-    for row in ds:
-        h = hashlib.sha256(row["image"]["bytes"])
-        h.update(json.dumps({k: row[k] for k in sorted(row) if k != "image"}, sort_keys=True).encode())
-        out.append(h.hexdigest())
-    return out
 
 
 def build(source, out, pipeline, **kw):

@@ -3,16 +3,14 @@ thread, and helpers to snapshot a directory tree and run the CLI."""
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 from pathlib import Path
 
 import pytest
-import torch
 
 from rcg_augment import RCGPipeline
 from rcg_augment.cli import main
+from tests import cache_records
 
 # The smallest generation settings: every build here is about a second.
 FAST = {"num_iter": 1, "rdm_steps": 1}
@@ -20,20 +18,13 @@ CLI_FAST = ["--num-iter", "1", "--rdm-steps", "1", "--no-progress"]
 
 
 @pytest.fixture(autouse=True)
-def one_thread():
+def one_thread(one_torch_thread):
     """Intra-op threads thrash on a shared 2-core box; results do not depend on them."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="session")
-def model_dir(tmp_path_factory) -> Path:
-    torch.manual_seed(0)
-    directory = tmp_path_factory.mktemp("hardening-tiny")
-    RCGPipeline.from_preset("tiny", in_channels=1).save_pretrained(directory)
-    return directory
+def model_dir(gray_dir) -> Path:
+    return Path(gray_dir)
 
 
 @pytest.fixture(scope="session")
@@ -76,15 +67,5 @@ def assert_one_line_error(code: int, err: str, *needles: str) -> None:
 
 
 def record_hashes(out_dir) -> list[str]:
-    """One sha256 per record over its PNG bytes and every other column, in record order."""
-    import datasets
-
-    from rcg_augment.data import load_synthetic
-
-    ds = load_synthetic(out_dir, verify=True).cast_column("image", datasets.Image(decode=False))
-    out = []
-    for row in ds:
-        h = hashlib.sha256(row["image"]["bytes"])
-        h.update(json.dumps({k: row[k] for k in sorted(row) if k != "image"}, sort_keys=True).encode())
-        out.append(h.hexdigest())
-    return out
+    """:func:`tests.cache_records.record_hashes`, with the shards checked against the manifest."""
+    return cache_records.record_hashes(out_dir, verify=True)

@@ -1,0 +1,54 @@
+"""What every benchmark script records about its run: the date, the machine, the versions and
+the command that reproduces it. The scripts run as ``python benchmarks/<name>.py``, which puts
+this folder on ``sys.path``: ``from _common import machine, versions``.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import sys
+from datetime import datetime, timezone
+
+import torch
+
+import rcg_augment
+
+
+def utc_now() -> str:
+    """The current time, UTC, to the second (ISO 8601)."""
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def machine(device: torch.device | str | None = None) -> dict:
+    """The machine a result was measured on, with a one-line ``summary``."""
+    device = torch.device(device) if device is not None else None
+    cuda = device.type == "cuda" if device is not None else torch.cuda.is_available()
+    info = {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+            "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
+            "nice": os.nice(0) if hasattr(os, "nice") else None,
+            "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+            "device": str(device) if device is not None else None,
+            "gpu": torch.cuda.get_device_name(device if cuda and device is not None else 0) if cuda else None}
+    info["summary"] = f"{info['processor']}, {info['cpu_count']} CPUs, {info['torch_threads']} torch threads" + (
+        f", {info['gpu']}" if info["gpu"] else "")
+    return info
+
+
+def versions(*packages: str) -> dict:
+    """rcg-augment, torch and Python versions, plus those of the named importable ``packages``
+    (e.g. ``"numpy"``, ``"sklearn"``; recorded under the distribution's name for sklearn)."""
+    out = {"rcg_augment": rcg_augment.__version__, "torch": torch.__version__, "python": platform.python_version()}
+    for name in packages:
+        module = __import__(name)
+        out["scikit-learn" if name == "sklearn" else name] = module.__version__
+    return out
+
+
+def command(script: str, argv: list[str] | None = None) -> str:
+    """The command line that ran ``benchmarks/<script>`` (``argv`` as given to ``main``)."""
+    return f"python benchmarks/{script} " + " ".join(sys.argv[1:] if argv is None else argv)
+
+
+__all__ = ["command", "machine", "utc_now", "versions"]
