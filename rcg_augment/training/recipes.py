@@ -88,7 +88,7 @@ DIGITS_TINY = Recipe(
 
 # Fine-tune on every class of the task, unlabelled: the first faces-tiny saw faces only and
 # painted a face into most non-face images (0.18 of its non-face variants stayed non-faces at
-# noise 0.3; benchmarks/results/quality_faces-tiny_nonface.*), which cost a faces-vs-non-faces
+# noise 0.3; benchmarks/results/quality_faces-tiny_v1_non-face.*), which cost a faces-vs-non-faces
 # classifier 7-14 points. Trained on the whole pool, non-face variants stay non-faces.
 FACES_TINY = Recipe(
     name="faces-tiny",

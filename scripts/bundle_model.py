@@ -1,0 +1,58 @@
+"""Copy a trained pipeline folder into ``rcg_augment/weights/<name>/`` as a bundled model.
+
+The weights are re-saved unchanged; the config gains the model's identity metadata (name,
+source, what it was trained on, the held-out fingerprint from its training records, license) and,
+with ``--default KEY=VALUE``, sampling defaults chosen by measurement (recorded with
+``--defaults-chosen-by``).
+
+Usage:
+    python scripts/bundle_model.py runs/faces faces-tiny --source "rcg-augment finetune --recipe faces-tiny" \
+        --trained-on "lfw-faces benchmark pool: 140 images" --license "MIT ...; LFW images: see the LFW terms" \
+        --default repaint_fraction=0.7 --defaults-chosen-by "benchmarks/quality.py ..."
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+from pathlib import Path
+
+from rcg_augment import RCGPipeline
+
+WEIGHTS = Path(__file__).resolve().parents[1] / "rcg_augment" / "weights"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("folder")
+    ap.add_argument("name")
+    ap.add_argument("--source", required=True)
+    ap.add_argument("--trained-on", required=True)
+    ap.add_argument("--license", required=True)
+    ap.add_argument("--default", action="append", default=[], metavar="KEY=VALUE",
+                    help="a sampling default (JSON value), e.g. repaint_fraction=0.7")
+    ap.add_argument("--defaults-chosen-by", default=None)
+    args = ap.parse_args()
+    pipe = RCGPipeline.from_pretrained(args.folder)
+    meta = pipe.config.metadata
+    held_out = {r.get("excluded_test_indices_sha256") for r in meta.get("training", [])} - {None}
+    if len(held_out) > 1:
+        raise SystemExit(f"the training records name several held-out splits: {sorted(held_out)}")
+    meta.update({"name": args.name, "source": args.source, "trained_on": args.trained_on, "license": args.license})
+    if held_out:
+        meta["excluded_test_indices_sha256"] = held_out.pop()
+    for item in args.default:
+        key, _, value = item.partition("=")
+        if not hasattr(pipe.config.defaults, key):
+            raise SystemExit(f"unknown sampling default {key!r}")
+        pipe.config.defaults = dataclasses.replace(pipe.config.defaults, **{key: json.loads(value)})
+    if args.defaults_chosen_by:
+        meta["defaults_chosen_by"] = args.defaults_chosen_by
+    pipe.resolve_settings()  # the defaults must be valid for this model
+    out = pipe.save_pretrained(WEIGHTS / args.name)
+    print(f"bundled {args.folder} as {out}")
+
+
+if __name__ == "__main__":
+    main()
