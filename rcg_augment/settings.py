@@ -59,6 +59,18 @@ def _int(value: Any, name: str) -> int:
     return int(value)
 
 
+# Per field: the type conversion, the model-independent range, and how errors state it.
+_CHECKS = {
+    "cfg": (_float, lambda v: v >= 0, ">= 0"),
+    "temperature": (_float, lambda v: v >= 0, ">= 0"),
+    "num_iter": (_int, lambda v: v >= 1, ">= 1"),
+    "rdm_steps": (_int, lambda v: v >= 1, ">= 1"),
+    "eta": (_float, lambda v: v >= 0, ">= 0"),
+    "repaint_fraction": (_float, lambda v: 0.0 < v <= 1.0,
+                         "in (0, 1] (at least the model's mask_ratio_min, 0.5 for the bundled models)"),
+}
+
+
 @dataclass(frozen=True)
 class GenerationSettings:
     """How variants are generated; every field may be None (= the model's default).
@@ -87,26 +99,14 @@ class GenerationSettings:
     repaint_fraction: float | None = None
 
     def __post_init__(self) -> None:
-        for name in ("cfg", "temperature", "eta"):
+        for name, (convert, ok, allowed) in _CHECKS.items():
             value = getattr(self, name)
-            if value is not None:
-                v = _float(value, name)
-                if v < 0:
-                    raise ValueError(f"`{name}` must be >= 0, got {value}")
-                object.__setattr__(self, name, v)
-        for name in ("num_iter", "rdm_steps"):
-            value = getattr(self, name)
-            if value is not None:
-                v = _int(value, name)
-                if v < 1:
-                    raise ValueError(f"`{name}` must be >= 1, got {value}")
-                object.__setattr__(self, name, v)
-        if self.repaint_fraction is not None:
-            v = _float(self.repaint_fraction, "repaint_fraction")
-            if not 0.0 < v <= 1.0:
-                raise ValueError(f"`repaint_fraction` must be in (0, 1] (at least the model's mask_ratio_min, "
-                                 f"0.5 for the bundled models), got {self.repaint_fraction}")
-            object.__setattr__(self, "repaint_fraction", v)
+            if value is None:
+                continue
+            v = convert(value, name)
+            if not ok(v):
+                raise ValueError(f"`{name}` must be {allowed}, got {value}")
+            object.__setattr__(self, name, v)
 
     @classmethod
     def names(cls) -> tuple[str, ...]:
