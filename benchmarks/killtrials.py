@@ -54,17 +54,9 @@ def finish(proc: subprocess.Popen) -> dict:
 
 
 def record_hashes(out_dir: Path) -> list[str]:
-    import datasets
+    from rcg_augment.data.datasets import record_hashes as hashes
 
-    from rcg_augment.data import load_synthetic
-
-    ds = load_synthetic(out_dir, verify=True).cast_column("image", datasets.Image(decode=False))
-    hashes = []
-    for row in ds:
-        h = hashlib.sha256(row["image"]["bytes"])
-        h.update(json.dumps({k: row[k] for k in sorted(row) if k != "image"}, sort_keys=True).encode())
-        hashes.append(h.hexdigest())
-    return hashes
+    return hashes(out_dir, verify=True)
 
 
 def shard_files(out_dir: Path) -> dict[str, str]:
