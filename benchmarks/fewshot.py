@@ -1,27 +1,32 @@
 """Few-shot classification: what RCG augmentation buys over a tuned classical recipe.
 
-Datasets (offline): sklearn digits (10 classes; 1, 5, 10 shots per class) and skimage's
-``lfw_subset`` faces vs non-faces (2 classes; 2, 5, 10 shots per class), via
+Datasets (offline): sklearn digits (10 classes; 1, 2, 5, 10 shots per class) and skimage's
+``lfw_subset`` faces vs non-faces (2 classes; 1, 2, 5 shots per class), via
 ``rcg_augment.data.open_source``. Each is split once by ``rcg_augment.data.splits`` into a
-held-out TEST split (a seeded, stratified 30%) and a POOL; shots are drawn from the pool, the
-classical recipe and the probe are tuned on the pool, and the generative model must have been
-trained on the pool only (the script checks the model's metadata and says so).
+held-out TEST split (a seeded, stratified 30%) and a POOL; shots are drawn from the pool, every
+tuned setting is chosen on validation draws from the pool, and the generative model must have
+been trained on the pool only (the script checks the model's metadata and says so).
 
 Arms (same classifier, steps and batch size for every image arm):
   (a) none            small CNN, no augmentation
   (b) classical       the classical recipe chosen on validation draws from the pool
-  (c) +rcg-online     (b) + RCGAugment on every batch (each image replaced with probability p)
-  (d) +rcg-cache@L    (b) + a pre-built build_synthetic cache at noise level L (each image
-                      replaced with probability p by one of its cached variants); one arm per L
+  (c) +rcg            (b) + cached RCG variants, every RCG setting chosen on the same validation
+                      draws from a declared grid: the mix probability p (0 included: "no RCG"),
+                      noise_level, repaint_fraction, the label filter on/off, variants per image
+  (d) +rcg-default    (b) + cached RCG variants at the library's defaults, untuned (p 0.5,
+                      noise_level 0.3, the model's repaint_fraction, no filter, 4 variants)
   (e) probe           logistic regression on the frozen encoder's representations
   (f) probe+rep-aug   (e) + RepresentationAugment copies of the training representations
+  (g) +rcg-online     (b) + RCGAugment on every batch at (c)'s p, noise_level and repaint_fraction
+                      (no filter); ~30 min per dataset, so not in the default arms
 
 Every cell runs >= 10 seeds (different shot draws) in full mode; the report gives the mean with a
-95% t-interval and the paired difference of each RCG arm against its reference (same seeds).
+95% t-interval, the paired difference of each RCG arm against its reference (same seeds), and the
+cost of each arm in seconds per classifier (generation included).
 
 Usage:
     python benchmarks/fewshot.py --quick                       # seconds, random tiny model
-    python benchmarks/fewshot.py --model digits=DIR --model lfw-faces=DIR2
+    python benchmarks/fewshot.py --datasets digits --out-dir runs/fs-digits
     python benchmarks/fewshot.py --train-split-file split.json --split-only
     python benchmarks/fewshot.py --datasets digits --seeds 3 --arms none,classical,probe,probe+rep-aug
     python benchmarks/fewshot.py merge runs/a/fewshot.json runs/b/fewshot.json   # one report from per-dataset runs
@@ -30,14 +35,11 @@ Usage:
 from __future__ import annotations
 
 import argparse
-import contextlib
 import hashlib
 import json
 import logging
 import math
-import signal
 import sys
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -50,8 +52,10 @@ from torch import nn
 from torchvision.transforms import v2
 
 from rcg_augment import RCGAugment, RCGPipeline, RepresentationAugment
-from rcg_augment.data import SyntheticDataset, build_synthetic, open_source, pil_to_tensor
+from rcg_augment.data import open_source, pil_to_tensor
 from rcg_augment.data.splits import SPLIT_SEED, TEST_FRACTION, benchmark_split, indices_sha256
+from rcg_augment.label_filter import PrototypeFilter
+from rcg_augment.settings import DEFAULT_NOISE_LEVEL
 
 logger = logging.getLogger("fewshot")
 
@@ -61,25 +65,31 @@ PROVENANCE_KEY = "excluded_test_indices_sha256"
 TUNING_SEED_BASE = 10_000  # tuning draws use seeds disjoint from the evaluation seeds
 
 DATASETS = {
-    "digits": {"shots": (1, 5, 10), "default_model": "digits-tiny"},
-    "lfw-faces": {"shots": (2, 5, 10), "default_model": "faces-tiny"},
+    "digits": {"shots": (1, 2, 5, 10), "default_model": "digits-tiny"},
+    "lfw-faces": {"shots": (1, 2, 5), "default_model": "faces-tiny"},
 }
 
 # Arm ids, their labels, and which arm an RCG arm is compared with (same seeds).
-CACHE_PREFIX = "classical+rcg-cache@"
+ARM_LABELS = {
+    "none": "(a) none",
+    "classical": "(b) classical (tuned)",
+    "classical+rcg": "(c) (b) + RCG cache, tuned",
+    "classical+rcg-default": "(d) (b) + RCG cache, library defaults",
+    "probe": "(e) linear probe",
+    "probe+rep-aug": "(f) (e) + RepresentationAugment",
+    "classical+rcg-online": "(g) (b) + RCGAugment online, tuned",
+}
+ALL_ARMS = list(ARM_LABELS)
+DEFAULT_ARMS = [a for a in ALL_ARMS if a != "classical+rcg-online"]  # the online arm costs ~30 min per dataset
+RCG_ARMS = ("classical+rcg", "classical+rcg-default", "classical+rcg-online")
 
 
 def arm_label(arm: str) -> str:
-    labels = {"none": "(a) none", "classical": "(b) classical (tuned)",
-              "classical+rcg-online": "(c) (b) + RCGAugment online",
-              "probe": "(e) linear probe", "probe+rep-aug": "(f) (e) + RepresentationAugment"}
-    if arm.startswith(CACHE_PREFIX):
-        return f"(d) (b) + RCG cache, noise {arm[len(CACHE_PREFIX):]}"
-    return labels[arm]
+    return ARM_LABELS[arm]
 
 
 def arm_reference(arm: str) -> str | None:
-    if arm == "classical+rcg-online" or arm.startswith(CACHE_PREFIX):
+    if arm in RCG_ARMS:
         return "classical"
     if arm == "probe+rep-aug":
         return "probe"
@@ -87,6 +97,29 @@ def arm_reference(arm: str) -> str | None:
 
 
 # ============================================================================== settings
+@dataclass(frozen=True)
+class RCGConfig:
+    """One point of the RCG tuning grid: how a cached-variant arm augments.
+
+    ``p`` = 0 is the classical recipe alone (the other fields are then unused)."""
+
+    p: float
+    noise_level: float = 0.0
+    repaint_fraction: float = 1.0
+    label_filter: bool = False
+    variants: int = 0
+
+    def key(self) -> str:
+        if self.p == 0:
+            return "p=0 (classical alone)"
+        return (f"p={self.p:g} noise={self.noise_level:g} repaint={self.repaint_fraction:g} "
+                f"filter={'on' if self.label_filter else 'off'} variants={self.variants}")
+
+    @property
+    def pair(self) -> tuple[float, float]:
+        return (self.noise_level, self.repaint_fraction)
+
+
 @dataclass
 class Settings:
     quick: bool
@@ -100,10 +133,13 @@ class Settings:
     width: int
     val_size: int
     max_test: int | None
-    rcg_p: float
-    online_noise: float
-    cache_noise_levels: list[float]
-    cache_variants: int
+    grid_p: list[float]
+    grid_noise: list[float]
+    grid_repaint: list[float]
+    grid_filter: list[bool]
+    grid_variants: list[int]
+    default_p: float
+    default_variants: int
     rep_noise: float
     rep_copies: int
     num_iter: int | None
@@ -116,10 +152,21 @@ class Settings:
     device: str
     models: dict[str, str] = field(default_factory=dict)
 
+    def grid(self) -> list[RCGConfig]:
+        """The declared RCG grid, p = 0 first: on a tie the earlier (simpler, cheaper) point wins."""
+        points = [RCGConfig(0.0)]
+        for p in self.grid_p:
+            for noise in self.grid_noise:
+                for repaint in self.grid_repaint:
+                    for filt in self.grid_filter:
+                        for v in self.grid_variants:
+                            points.append(RCGConfig(p, noise, repaint, filt, v))
+        return points
 
-def all_arms(cache_levels: list[float]) -> list[str]:
-    return (["none", "classical", "classical+rcg-online"]
-            + [f"{CACHE_PREFIX}{lvl:g}" for lvl in cache_levels] + ["probe", "probe+rep-aug"])
+    @property
+    def candidates(self) -> int:
+        """Variants generated per source image and (noise, repaint) pair; arms use a prefix."""
+        return max([*self.grid_variants, self.default_variants])
 
 
 # ============================================================================== classical recipes
@@ -180,11 +227,12 @@ class SmallCNN(nn.Module):
 
 @dataclass
 class ImageArm:
-    """How a CNN run augments: a classical recipe, plus RCG online or from a cache."""
+    """How a CNN run augments: a classical recipe, plus RCG online or from cached variants."""
 
     classical: str = "none"
     online: RCGAugment | None = None
     variants: torch.Tensor | None = None  # (N, V, C, H, W): cached variants of each training image
+    counts: torch.Tensor | None = None  # (N,): usable variants per image (a filter may keep < V; 0 = none)
     p: float = 0.0
 
 
@@ -193,7 +241,8 @@ def train_cnn(x: torch.Tensor, y: torch.Tensor, num_classes: int, arm: ImageArm,
     """Fixed-budget training: ``s.steps`` steps of ``s.batch_size`` images drawn with replacement.
 
     The same ``seed`` gives every arm the same initialisation, batch indices and classical draws
-    (common random numbers), so paired differences measure the augmentation, not the luck.
+    (common random numbers), so paired differences measure the augmentation, not the luck; an arm
+    with p = 0 trains exactly as the classical recipe alone.
     """
     device = torch.device(s.device)
     torch.manual_seed(seed)  # model init and the v2 transforms draw from the global RNG
@@ -201,15 +250,18 @@ def train_cnn(x: torch.Tensor, y: torch.Tensor, num_classes: int, arm: ImageArm,
     opt = torch.optim.AdamW(model.parameters(), lr=s.lr, weight_decay=5e-4)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=s.steps)
     g = torch.Generator().manual_seed(seed + 1)  # batch indices
-    g_cache = torch.Generator().manual_seed(seed + 2)  # which slots take a cached variant
+    g_cache = torch.Generator().manual_seed(seed + 2)  # which slots take a cached variant, and which one
     transform = classical_transform(arm.classical)
+    counts = None
+    if arm.variants is not None:
+        counts = arm.counts if arm.counts is not None else torch.full((len(x),), arm.variants.shape[1])
     model.train()
     for _ in range(s.steps):
         idx = torch.randint(len(x), (s.batch_size,), generator=g)
         xb, yb = x[idx], y[idx]
-        if arm.variants is not None:
-            take = torch.rand(len(idx), generator=g_cache) < arm.p
-            which = torch.randint(arm.variants.shape[1], (len(idx),), generator=g_cache)
+        if counts is not None:
+            take = (torch.rand(len(idx), generator=g_cache) < arm.p) & (counts[idx] > 0)
+            which = (torch.rand(len(idx), generator=g_cache) * counts[idx]).long()
             if take.any():
                 xb = xb.clone()
                 xb[take] = arm.variants[idx[take], which[take]]
@@ -373,67 +425,181 @@ def t_interval(values) -> dict:
     return {"n": n, "mean": mean, "half_width": half, "low": mean - half, "high": mean + half}
 
 
-# ============================================================================== tuning
-def tune(d: DatasetData, shots: int, s: Settings, reps) -> dict:
-    """Pick the classical recipe and the probe's C on validation draws from the pool.
+# ============================================================================== RCG variants
+@dataclass
+class Candidates:
+    """RCG variants of a set of source images at one (noise_level, repaint_fraction) pair."""
 
-    Each tuning seed (disjoint from the evaluation seeds) draws ``shots`` per class from the pool
-    and validates on other pool images; the test split is never read here.
+    images: torch.Tensor  # (U, M, C, H, W) in [0, 1], rounded to 8 bits as a cache stores them
+    reps: torch.Tensor  # (U, M, rep_dim): each variant re-encoded (what the label filter checks)
+    seconds_per_variant: float  # generation, one image
+    encode_seconds_per_variant: float  # re-encoding, one image (paid only with the filter)
+
+
+def generate_candidates(pipe: RCGPipeline, images: torch.Tensor, pair: tuple[float, float], count: int,
+                        seed: int, s: Settings) -> Candidates:
+    """``count`` variants of each of ``images`` (U, C, H, W), seeded, in batches of 128."""
+    noise, repaint = pair
+    x = images.repeat_interleave(count, dim=0)
+    g = torch.Generator().manual_seed(seed)
+    t = time.perf_counter()
+    out = [pipe.reconstruct(x[i:i + 128].to(s.device), noise, generator=g, cfg=s.cfg, temperature=s.temperature,
+                            num_iter=s.num_iter, rdm_steps=s.rdm_steps, repaint_fraction=repaint).cpu()
+           for i in range(0, len(x), 128)]
+    gen = time.perf_counter() - t
+    variants = (torch.cat(out).clamp(0, 1) * 255).round() / 255
+    t = time.perf_counter()
+    reps = torch.cat([pipe.encode(variants[i:i + 256].to(s.device)).cpu() for i in range(0, len(variants), 256)])
+    enc = time.perf_counter() - t
+    n = max(len(x), 1)
+    return Candidates(variants.view(len(images), count, *images.shape[1:]), reps.view(len(images), count, -1),
+                      gen / n, enc / n)
+
+
+def select_variants(cands: Candidates, rows: list[int], labels: np.ndarray, config: RCGConfig,
+                    train_reps: np.ndarray, num_classes: int) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """The variants an arm trains with: the first ``config.variants`` candidates of each training
+    image, or with the label filter the first ``config.variants`` candidates it accepts (the
+    filter's prototypes are the class means of this training set's own representations, as
+    ``rcg-augment build --label-filter`` builds them). Returns (variants, counts, stats)."""
+    imgs = cands.images[rows]
+    v = config.variants
+    if not config.label_filter:
+        return imgs[:, :v], torch.full((len(rows),), v), {"candidates_per_image": v}
+    filt = PrototypeFilter.from_representations(torch.as_tensor(train_reps), torch.as_tensor(labels), num_classes)
+    reps = cands.reps[rows]
+    ok = filt.nearest(reps.flatten(0, 1)).view(len(rows), -1) == torch.as_tensor(labels)[:, None]
+    order = torch.argsort((~ok).to(torch.int8), dim=1, stable=True)[:, :v]  # accepted first, in draw order
+    picked = imgs[torch.arange(len(rows))[:, None], order]
+    counts = ok.sum(dim=1).clamp(max=v)
+    return picked, counts, {"candidates_per_image": cands.images.shape[1], "acceptance": float(ok.float().mean()),
+                            "images_without_variant": int((counts == 0).sum())}
+
+
+def generation_seconds(cands: Candidates, config: RCGConfig, n_train: int, stats: dict) -> float:
+    """Seconds to generate (and, with the filter, re-encode) what one arm run used."""
+    if config.p == 0:
+        return 0.0
+    per = cands.seconds_per_variant + (cands.encode_seconds_per_variant if config.label_filter else 0.0)
+    return per * n_train * stats["candidates_per_image"]
+
+
+class VariantBank:
+    """Candidates per (noise, repaint) pair for one union of shot draws, generated on first use."""
+
+    def __init__(self, d: DatasetData, union: np.ndarray, pipe: RCGPipeline, s: Settings, tag):
+        self.d, self.union, self.pipe, self.s, self.tag = d, union, pipe, s, tag
+        self.pos = {int(g): p for p, g in enumerate(union)}
+        self.pairs: dict[tuple[float, float], Candidates] = {}
+        self.seconds = 0.0
+
+    def get(self, pair: tuple[float, float]) -> Candidates:
+        if pair not in self.pairs:
+            t = time.perf_counter()
+            self.pairs[pair] = generate_candidates(self.pipe, self.d.images[self.union], pair, self.s.candidates,
+                                                   run_seed(self.d.name, "variants", *self.tag, *pair), self.s)
+            self.seconds += time.perf_counter() - t
+        return self.pairs[pair]
+
+    def arm(self, train: np.ndarray, config: RCGConfig, classical: str, train_reps: np.ndarray
+            ) -> tuple[ImageArm, float, dict]:
+        """The ImageArm for ``config`` on the training images ``train`` (a subset of the union)."""
+        if config.p == 0:
+            return ImageArm(classical), 0.0, {}
+        cands = self.get(config.pair)
+        rows = [self.pos[int(i)] for i in train]
+        variants, counts, stats = select_variants(cands, rows, self.d.labels[train], config, train_reps,
+                                                  len(self.d.classes))
+        return (ImageArm(classical, variants=variants, counts=counts, p=config.p),
+                generation_seconds(cands, config, len(train), stats), stats)
+
+
+def default_config(pipe: RCGPipeline, s: Settings) -> RCGConfig:
+    """The library's defaults: noise 0.3, the model's repaint_fraction, no filter."""
+    g = pipe.resolve_settings(cfg=s.cfg, temperature=s.temperature, num_iter=s.num_iter, rdm_steps=s.rdm_steps)
+    return RCGConfig(s.default_p, DEFAULT_NOISE_LEVEL, g.repaint_fraction, False, s.default_variants)
+
+
+# ============================================================================== tuning
+def validation_draw(d: DatasetData, shots: int, t: int, s: Settings) -> tuple[int, np.ndarray, np.ndarray]:
+    seed = TUNING_SEED_BASE + t
+    train = draw_shots(d.labels, d.pool, shots, seed)
+    rest = np.setdiff1d(d.pool, train)
+    val = np.sort(np.random.default_rng([seed, 99]).choice(rest, size=min(s.val_size, len(rest)), replace=False))
+    return seed, train, val
+
+
+def tune(d: DatasetData, shots_list: list[int], s: Settings, reps, pipe: RCGPipeline, log) -> dict:
+    """Pick the classical recipe, the probe's C and the RCG arm's settings on validation draws.
+
+    Each tuning seed (disjoint from the evaluation seeds) draws shots per class from the pool and
+    validates on other pool images; the test split is never read here. The classical recipe is
+    chosen first; the RCG grid is then searched on top of it, on the same draws and with the same
+    classifier seeds (so p = 0 reproduces the classical score exactly).
     """
-    scores = {c: [] for c in s.classical_candidates}
-    probe_scores = {c: [] for c in s.probe_cs}
-    want_probe = any(a.startswith("probe") for a in s.arms)
     y_all = torch.as_tensor(d.labels)
-    for t in range(s.tune_seeds):
-        seed = TUNING_SEED_BASE + t
-        train = draw_shots(d.labels, d.pool, shots, seed)
-        rest = np.setdiff1d(d.pool, train)
-        val = np.sort(np.random.default_rng([seed, 99]).choice(rest, size=min(s.val_size, len(rest)), replace=False))
-        rs = run_seed(d.name, shots, "tune", seed)
-        for cand in s.classical_candidates:
-            model = train_cnn(d.images[train], y_all[train], len(d.classes), ImageArm(classical=cand), s, rs)
-            scores[cand].append(accuracy(model, d.images[val], y_all[val], s.device))
+    want_probe = any(a.startswith("probe") for a in s.arms)
+    want_rcg = any(a in ("classical+rcg", "classical+rcg-online") for a in s.arms)
+    out = {}
+    for k in shots_list:
+        scores = {c: [] for c in s.classical_candidates}
+        probe_scores = {c: [] for c in s.probe_cs}
+        t0 = time.perf_counter()
+        for t in range(s.tune_seeds):
+            seed, train, val = validation_draw(d, k, t, s)
+            rs = run_seed(d.name, k, "tune", seed)
+            for cand in s.classical_candidates:
+                model = train_cnn(d.images[train], y_all[train], len(d.classes), ImageArm(classical=cand), s, rs)
+                scores[cand].append(accuracy(model, d.images[val], y_all[val], s.device))
+            if want_probe:
+                tr, va = reps(train), reps(val)
+                for c in s.probe_cs:
+                    probe_scores[c].append(probe_accuracy(tr, d.labels[train], va, d.labels[val], c, rs))
+        means = {c: float(np.mean(v)) for c, v in scores.items()}
+        best = max(s.classical_candidates, key=lambda c: (means[c], -s.classical_candidates.index(c)))
+        out[str(k)] = {"classical": best, "classical_val_accuracy": means, "tune_seeds": s.tune_seeds,
+                       "val_size": s.val_size, "classical_seconds": time.perf_counter() - t0}
         if want_probe:
-            tr, va = reps(train), reps(val)
-            for c in s.probe_cs:
-                probe_scores[c].append(probe_accuracy(tr, d.labels[train], va, d.labels[val], c, rs))
-    means = {c: float(np.mean(v)) for c, v in scores.items()}
-    best = max(s.classical_candidates, key=lambda c: (means[c], -s.classical_candidates.index(c)))
-    out = {"classical": best, "classical_val_accuracy": means, "tune_seeds": s.tune_seeds,
-           "val_size": s.val_size}
-    if want_probe:
-        pmeans = {str(c): float(np.mean(v)) for c, v in probe_scores.items()}
-        out["probe_c"] = max(s.probe_cs, key=lambda c: (pmeans[str(c)], -s.probe_cs.index(c)))
-        out["probe_val_accuracy"] = pmeans
+            pmeans = {str(c): float(np.mean(v)) for c, v in probe_scores.items()}
+            out[str(k)]["probe_c"] = max(s.probe_cs, key=lambda c: (pmeans[str(c)], -s.probe_cs.index(c)))
+            out[str(k)]["probe_val_accuracy"] = pmeans
+    if not want_rcg:
+        return out
+    grid = s.grid()
+    banks = [VariantBank(d, validation_draw(d, max(shots_list), t, s)[1], pipe, s, ("tune", t))
+             for t in range(s.tune_seeds)]
+    for k in shots_list:
+        t0 = time.perf_counter()
+        gen0 = sum(b.seconds for b in banks)
+        scores = {c.key(): [] for c in grid}
+        acceptance = {c.key(): [] for c in grid if c.label_filter}
+        for t, bank in enumerate(banks):
+            seed, train, val = validation_draw(d, k, t, s)
+            rs = run_seed(d.name, k, "tune", seed)
+            tr_reps = reps(train)
+            for config in grid:
+                arm, _, stats = bank.arm(train, config, out[str(k)]["classical"], tr_reps)
+                model = train_cnn(d.images[train], y_all[train], len(d.classes), arm, s, rs)
+                scores[config.key()].append(accuracy(model, d.images[val], y_all[val], s.device))
+                if config.label_filter:
+                    acceptance[config.key()].append(stats["acceptance"])
+        means = {key: float(np.mean(v)) for key, v in scores.items()}
+        chosen = max(range(len(grid)), key=lambda i: (means[grid[i].key()], -i))
+        out[str(k)]["rcg"] = asdict(grid[chosen])
+        out[str(k)]["rcg_key"] = grid[chosen].key()
+        out[str(k)]["rcg_val_accuracy"] = means
+        out[str(k)]["rcg_val_gain_over_classical"] = means[grid[chosen].key()] - means[grid[0].key()]
+        out[str(k)]["rcg_filter_acceptance"] = {key: float(np.mean(v)) for key, v in acceptance.items()}
+        out[str(k)]["rcg_seconds"] = time.perf_counter() - t0  # generation (first use) + grid CNNs
+        out[str(k)]["rcg_generation_seconds"] = sum(b.seconds for b in banks) - gen0
+        log(f"  tuned {d.name} {k}-shot RCG: {grid[chosen].key()} (val {100 * means[grid[chosen].key()]:.1f}% vs "
+            f"classical {100 * means[grid[0].key()]:.1f}%; {len(grid)} grid points x {s.tune_seeds} draws, "
+            f"{out[str(k)]['rcg_seconds']:.0f} s)")
     return out
 
 
 # ============================================================================== one dataset
-def build_cache(d: DatasetData, union: np.ndarray, pipe: RCGPipeline, s: Settings, seed: int,
-                root: Path) -> dict[float, torch.Tensor]:
-    """RCG variants of the images in ``union`` at every cache noise level: {level: (N, V, C, H, W)}."""
-    out_dir = root / f"{d.name}-seed{seed}"
-    build_synthetic(d.source.subset(union.tolist()), out_dir, variants_per_image=s.cache_variants,
-                    noise_level=s.cache_noise_levels, pipeline=pipe, batch_size=64, seed=seed,
-                    cfg=s.cfg, temperature=s.temperature, num_iter=s.num_iter, rdm_steps=s.rdm_steps,
-                    overwrite=True, progress=False)
-    ds = SyntheticDataset(out_dir)
-    table = ds.hf_dataset
-    src_idx = np.asarray(table["source_index"])
-    var_idx = np.asarray(table["variant_index"])
-    levels = np.asarray(table["noise_level"])
-    if len(ds) != len(union) * s.cache_variants * len(s.cache_noise_levels):
-        raise RuntimeError(f"cache {out_dir} holds {len(ds)} records, expected "
-                           f"{len(union) * s.cache_variants * len(s.cache_noise_levels)}")
-    out = {lvl: torch.zeros(len(union), s.cache_variants, 1, IMAGE_SIZE, IMAGE_SIZE) for lvl in s.cache_noise_levels}
-    for r in range(len(ds)):
-        img, _ = ds[r]
-        lvl = min(s.cache_noise_levels, key=lambda v: abs(v - levels[r]))
-        out[lvl][src_idx[r], var_idx[r] % s.cache_variants] = pil_to_tensor(img, IMAGE_SIZE, 1)
-    return out
-
-
-def run_dataset(d: DatasetData, pipe: RCGPipeline, s: Settings, cache_root: Path, log) -> dict:
+def run_dataset(d: DatasetData, pipe: RCGPipeline, s: Settings, log) -> dict:
     y_all = torch.as_tensor(d.labels)
     rep_encoder = RepresentationAugment(s.rep_noise, model=pipe, rdm_steps=s.rdm_steps, seed=0)
     rep_cache: dict[int, np.ndarray] = {}
@@ -447,54 +613,55 @@ def run_dataset(d: DatasetData, pipe: RCGPipeline, s: Settings, cache_root: Path
         return np.stack([rep_cache[int(i)] for i in indices])
 
     want_probe = any(a.startswith("probe") for a in s.arms)
-    cache_arms = [a for a in s.arms if a.startswith(CACHE_PREFIX)]
     shots_list = s.shots[d.name]
-    result = {"shots": {}, "tuning": {}, "test_size": len(d.test), "pool_size": len(d.pool),
-              # the settings every RCG arm ran with, the model's defaults filled in
+    defaults = default_config(pipe, s)
+    result = {"shots": {}, "test_size": len(d.test), "pool_size": len(d.pool),
+              # the generation settings every RCG arm ran with (the model's defaults filled in)
               "generation": pipe.resolve_settings(cfg=s.cfg, temperature=s.temperature, num_iter=s.num_iter,
-                                                  rdm_steps=s.rdm_steps).to_dict()}
+                                                  rdm_steps=s.rdm_steps).to_dict(),
+              "default_rcg": asdict(defaults), "grid_points": len(s.grid())}
     t0 = time.perf_counter()
+    result["tuning"] = tune(d, shots_list, s, reps, pipe, log)
     for k in shots_list:
-        result["tuning"][str(k)] = tune(d, k, s, reps)
-        log(f"  tuned {d.name} {k}-shot: classical={result['tuning'][str(k)]['classical']}"
-            + (f", probe C={result['tuning'][str(k)]['probe_c']}" if want_probe else ""))
+        tk = result["tuning"][str(k)]
+        log(f"  tuned {d.name} {k}-shot: classical={tk['classical']}"
+            + (f", probe C={tk['probe_c']}" if want_probe else "") + (f", rcg: {tk['rcg_key']}" if "rcg" in tk else ""))
     result["tuning_seconds"] = time.perf_counter() - t0
     test_rep = reps(d.test) if want_probe else None
     x_test, y_test = d.images[d.test], y_all[d.test]
     per = {str(k): {a: [] for a in s.arms} for k in shots_list}
-    seconds = {a: 0.0 for a in s.arms}
-    seconds["cache_build"] = 0.0
+    cost = {str(k): {a: [] for a in s.arms} for k in shots_list}  # seconds per run, generation included
+    gen_cost = {str(k): {a: [] for a in s.arms} for k in shots_list}
+    filter_stats = {str(k): {a: [] for a in s.arms} for k in shots_list}
     for seed in range(s.seeds):
-        union = draw_shots(d.labels, d.pool, max(shots_list), seed)
-        cache = None
-        if cache_arms:
-            t = time.perf_counter()
-            cache = build_cache(d, union, pipe, s, run_seed(d.name, "cache", seed), cache_root)
-            seconds["cache_build"] += time.perf_counter() - t
-        pos = {int(g): p for p, g in enumerate(union)}
+        bank = VariantBank(d, draw_shots(d.labels, d.pool, max(shots_list), seed), pipe, s, ("eval", seed))
         for k in shots_list:
             train = draw_shots(d.labels, d.pool, k, seed)
             x, y = d.images[train], y_all[train]
             tuned = result["tuning"][str(k)]
             rs = run_seed(d.name, k, seed)
             for arm in s.arms:
+                gen = 0.0
                 t = time.perf_counter()
                 if arm == "none":
                     acc = accuracy(train_cnn(x, y, len(d.classes), ImageArm(), s, rs), x_test, y_test, s.device)
                 elif arm == "classical":
                     acc = accuracy(train_cnn(x, y, len(d.classes), ImageArm(tuned["classical"]), s, rs),
                                    x_test, y_test, s.device)
+                elif arm in ("classical+rcg", "classical+rcg-default"):
+                    config = RCGConfig(**tuned["rcg"]) if arm == "classical+rcg" else defaults
+                    image_arm, gen, stats = bank.arm(train, config, tuned["classical"], reps(train))
+                    t = time.perf_counter()  # generation is counted from its measured rate, not its wall time here
+                    acc = accuracy(train_cnn(x, y, len(d.classes), image_arm, s, rs), x_test, y_test, s.device)
+                    if "acceptance" in stats:
+                        filter_stats[str(k)][arm].append(stats["acceptance"])
                 elif arm == "classical+rcg-online":
-                    online = RCGAugment(s.online_noise, model=pipe, p=s.rcg_p, cfg=s.cfg, temperature=s.temperature,
-                                        num_iter=s.num_iter, rdm_steps=s.rdm_steps, seed=rs)
+                    config = RCGConfig(**tuned["rcg"])
+                    online = RCGAugment(config.noise_level if config.p else DEFAULT_NOISE_LEVEL, model=pipe,
+                                        p=config.p, cfg=s.cfg, temperature=s.temperature, num_iter=s.num_iter,
+                                        rdm_steps=s.rdm_steps, repaint_fraction=config.repaint_fraction if config.p
+                                        else None, seed=rs)
                     acc = accuracy(train_cnn(x, y, len(d.classes), ImageArm(tuned["classical"], online=online), s, rs),
-                                   x_test, y_test, s.device)
-                elif arm.startswith(CACHE_PREFIX):
-                    level = float(arm[len(CACHE_PREFIX):])
-                    lvl = min(s.cache_noise_levels, key=lambda v: abs(v - level))
-                    variants = cache[lvl][[pos[int(i)] for i in train]]
-                    acc = accuracy(train_cnn(x, y, len(d.classes),
-                                             ImageArm(tuned["classical"], variants=variants, p=s.rcg_p), s, rs),
                                    x_test, y_test, s.device)
                 elif arm == "probe":
                     acc = probe_accuracy(reps(train), d.labels[train], test_rep, d.labels[d.test],
@@ -508,12 +675,16 @@ def run_dataset(d: DatasetData, pipe: RCGPipeline, s: Settings, cache_root: Path
                     acc = probe_accuracy(tr, ty, test_rep, d.labels[d.test], tuned["probe_c"], rs)
                 else:  # pragma: no cover - arms are validated in parse_args
                     raise ValueError(arm)
-                seconds[arm] += time.perf_counter() - t
                 per[str(k)][arm].append(acc)
+                cost[str(k)][arm].append(time.perf_counter() - t + gen)
+                gen_cost[str(k)][arm].append(gen)
         log(f"  {d.name} seed {seed + 1}/{s.seeds} done ({time.perf_counter() - t0:.0f} s): "
             + "; ".join(f"{k}-shot " + " ".join(f"{a}={per[str(k)][a][-1]:.3f}" for a in s.arms) for k in shots_list))
     for k in shots_list:
-        cell = {"per_seed": per[str(k)], "summary": {a: t_interval(v) for a, v in per[str(k)].items()}, "paired": {}}
+        cell = {"per_seed": per[str(k)], "summary": {a: t_interval(v) for a, v in per[str(k)].items()}, "paired": {},
+                "seconds_per_run": {a: float(np.mean(v)) for a, v in cost[str(k)].items()},
+                "generation_seconds_per_run": {a: float(np.mean(v)) for a, v in gen_cost[str(k)].items()},
+                "filter_acceptance": {a: float(np.mean(v)) for a, v in filter_stats[str(k)].items() if v}}
         for arm in s.arms:
             ref = arm_reference(arm)
             if ref is not None and ref in s.arms:
@@ -523,7 +694,6 @@ def run_dataset(d: DatasetData, pipe: RCGPipeline, s: Settings, cache_root: Path
                 diff = np.asarray(per[str(k)][arm]) - np.asarray(per[str(k)]["classical"])
                 cell["paired"][arm + " vs classical"] = {"reference": "classical", **t_interval(diff)}
         result["shots"][str(k)] = cell
-    result["arm_seconds"] = seconds
     result["seconds"] = time.perf_counter() - t0
     return result
 
@@ -533,16 +703,24 @@ def pct(x: float) -> str:
     return "nan" if not math.isfinite(x) else f"{100 * x:.1f}"
 
 
+def _shots_header(shots: list[str]) -> str:
+    return " | ".join(f"{k} shot{'s' if k != '1' else ''}" for k in shots)
+
+
 def markdown(report: dict) -> str:
     s = report["settings"]
+    grid = (f"p {s['grid_p']} (and 0), noise_level {s['grid_noise']}, repaint_fraction {s['grid_repaint']}, "
+            f"label filter {['on' if f else 'off' for f in s['grid_filter']]}, variants per image {s['grid_variants']}")
     lines = [f"# Few-shot benchmark ({'quick' if s['quick'] else 'full'} mode)", "",
              f"{report['date']} · {report['machine']['summary']} · wall time {report['wall_seconds']:.0f} s · "
              f"rcg-augment {report['versions']['rcg_augment']}", "",
              f"Classifier: SmallCNN (width {s['width']}), {s['steps']} steps x batch {s['batch_size']}, AdamW "
              f"lr {s['lr']} cosine, same for every image arm. {s['seeds']} seeds per cell (shot draws); "
-             f"mean test accuracy (%) ± 95% t-interval half-width. RCG: p={s['rcg_p']}, online noise "
-             f"{s['online_noise']}, cache {s['cache_variants']} variants/image/level, num_iter={s['num_iter']}, "
-             f"rdm_steps={s['rdm_steps']}; RepresentationAugment noise {s['rep_noise']}, {s['rep_copies']} copies.", ""]
+             f"mean test accuracy (%) ± 95% t-interval half-width. Tuned on {s['tune_seeds']} validation draws "
+             f"from the pool per shot count: the classical recipe among {len(s['classical_candidates'])}, then "
+             f"the RCG arm over the grid {grid}. RCG generation: num_iter={s['num_iter']}, "
+             f"rdm_steps={s['rdm_steps']} (None: the model's); RepresentationAugment noise {s['rep_noise']}, "
+             f"{s['rep_copies']} copies.", ""]
     for name, r in report["datasets"].items():
         shots = list(r["shots"])
         lines += [f"## {name}", "",
@@ -551,8 +729,18 @@ def markdown(report: dict) -> str:
                   f"Generative model: {r['provenance']['model']}. **{r['provenance']['statement']}**", ""]
         tuned = ", ".join(f"{k}-shot: {r['tuning'][k]['classical']}" for k in shots)
         lines += [f"Classical recipe chosen on pool validation draws: {tuned}.", ""]
-        lines += ["| arm | " + " | ".join(f"{k} shot{'s' if k != '1' else ''}" for k in shots) + " |",
-                  "|---|" + "---|" * len(shots)]
+        if all("rcg" in r["tuning"][k] for k in shots):
+            lines += ["RCG settings chosen on the same validation draws (validation accuracy %, RCG vs classical "
+                      "alone):", "",
+                      "| shots | chosen | val. RCG | val. classical | filter acceptance |", "|---|---|---|---|---|"]
+            for k in shots:
+                t = r["tuning"][k]
+                val = t["rcg_val_accuracy"]
+                acc = t["rcg_filter_acceptance"].get(t["rcg_key"])
+                lines.append(f"| {k} | {t['rcg_key']} | {pct(val[t['rcg_key']])} | {pct(val['p=0 (classical alone)'])}"
+                             f" | {'-' if acc is None else pct(acc)} |")
+            lines.append("")
+        lines += ["| arm | " + _shots_header(shots) + " |", "|---|" + "---|" * len(shots)]
         for arm in s["arms"]:
             cells = []
             for k in shots:
@@ -562,8 +750,7 @@ def markdown(report: dict) -> str:
         paired = [a for a in r["shots"][shots[0]]["paired"]]
         if paired:
             lines += ["", "Paired differences (percentage points, same seeds), mean [95% CI]:", "",
-                      "| arm − reference | " + " | ".join(f"{k} shot{'s' if k != '1' else ''}" for k in shots) + " |",
-                      "|---|" + "---|" * len(shots)]
+                      "| arm − reference | " + _shots_header(shots) + " |", "|---|" + "---|" * len(shots)]
             for a in paired:
                 ref = r["shots"][shots[0]]["paired"][a]["reference"]
                 base = a.split(" vs ")[0]
@@ -572,6 +759,22 @@ def markdown(report: dict) -> str:
                     p = r["shots"][k]["paired"][a]
                     cells.append(f"{100 * p['mean']:+.1f} [{pct(p['low'])}, {pct(p['high'])}]")
                 lines.append(f"| {arm_label(base)} − {arm_label(ref).split(' ')[0]} | " + " | ".join(cells) + " |")
+        if "seconds_per_run" in r["shots"][shots[0]]:
+            lines += ["", "Cost: seconds per classifier, generation included (generation from its measured rate, "
+                      "one thread), and the one-off tuning:", "",
+                      "| arm | " + _shots_header(shots) + " |", "|---|" + "---|" * len(shots)]
+            for arm in s["arms"]:
+                cells = []
+                for k in shots:
+                    sec = r["shots"][k]["seconds_per_run"][arm]
+                    gen = r["shots"][k]["generation_seconds_per_run"][arm]
+                    cells.append(f"{sec:.1f}" + (f" (gen. {gen:.1f})" if gen > 0 else ""))
+                lines.append(f"| {arm_label(arm)} | " + " | ".join(cells) + " |")
+            tune_cells = []
+            for k in shots:
+                t = r["tuning"][k]
+                tune_cells.append(f"{t['classical_seconds']:.0f} + {t.get('rcg_seconds', 0.0):.0f}")
+            lines.append("| tuning: classical + RCG grid (s) | " + " | ".join(tune_cells) + " |")
         lines.append("")
     return "\n".join(lines)
 
@@ -623,18 +826,24 @@ def parse_args(argv=None) -> tuple[argparse.Namespace, Settings]:
                         "unlabelled lfw pool, faces and non-faces)")
     p.add_argument("--datasets", default=",".join(DATASETS), help="comma-separated, from " + ", ".join(DATASETS))
     p.add_argument("--shots", action="append", default=[], metavar="[DATASET=]K,K",
-                   help="shot counts per class (default digits=1,5,10 lfw-faces=2,5,10)")
+                   help="shot counts per class (default digits=1,2,5,10 lfw-faces=1,2,5)")
     p.add_argument("--seeds", type=int, help="evaluation seeds (shot draws) per cell (default 10; quick 2)")
     p.add_argument("--tune-seeds", type=int, help="tuning draws per shot count (default 3; quick 1)")
-    p.add_argument("--arms", help="comma-separated subset of: " + ", ".join(all_arms([0.0, 0.3, 0.6])))
+    p.add_argument("--arms", help="comma-separated subset of: " + ", ".join(ALL_ARMS)
+                   + " (default: all but classical+rcg-online)")
     p.add_argument("--steps", type=int, help="classifier steps (default 150; quick 8)")
     p.add_argument("--batch-size", type=int, help="classifier batch (default 32; quick 16)")
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--width", type=int, default=16, help="SmallCNN base width")
-    p.add_argument("--p", dest="rcg_p", type=float, default=0.5, help="probability an image is replaced by an RCG variant")
-    p.add_argument("--online-noise", type=float, default=0.3, help="noise_level of the online RCGAugment arm")
-    p.add_argument("--cache-noise-levels", default="0.0,0.3,0.6", help="one cache arm per level")
-    p.add_argument("--cache-variants", type=int, help="variants per image and level (default 4; quick 1)")
+    p.add_argument("--grid-p", help="RCG tuning grid: probabilities an image is replaced by a variant "
+                   "(p = 0, the classical recipe alone, is always a candidate; default 0.25,0.5,0.75; quick 0.5)")
+    p.add_argument("--grid-noise", help="RCG tuning grid: noise levels (default 0,0.3,0.6; quick 0.3)")
+    p.add_argument("--grid-repaint", help="RCG tuning grid: repaint fractions (default 0.7,1; quick 0.7,1)")
+    p.add_argument("--grid-filter", help="RCG tuning grid: label filter off/on (default off,on)")
+    p.add_argument("--grid-variants", help="RCG tuning grid: variants per image (default 2,8; quick 1)")
+    p.add_argument("--default-p", type=float, default=0.5, help="p of the untuned library-defaults arm")
+    p.add_argument("--default-variants", type=int, help="variants per image of the library-defaults arm "
+                   "(default 4; quick 1)")
     p.add_argument("--rep-noise", type=float, default=0.3, help="noise_level of RepresentationAugment")
     p.add_argument("--rep-copies", type=int, help="augmented copies of each training rep (default 10; quick 2)")
     p.add_argument("--num-iter", type=int, help="MAGE decoding steps (default: the model's; quick 2)")
@@ -646,7 +855,6 @@ def parse_args(argv=None) -> tuple[argparse.Namespace, Settings]:
                    help="torch CPU threads (default 1: the CNN's kernels are tiny, and on a shared box more "
                         "threads spin against each other; measured 8x slower with 2 threads at load 10 on 2 cores)")
     p.add_argument("--out-dir", type=Path, default=RESULTS, help="where fewshot[_quick].{md,json,png} go")
-    p.add_argument("--cache-dir", type=Path, help="keep the synthetic caches here (default: a temp dir)")
     p.add_argument("--train-split-file", type=Path,
                    help="write the held-out test indices per dataset (JSON) for the model recipe to exclude")
     p.add_argument("--split-only", action="store_true", help="write --train-split-file and exit")
@@ -677,16 +885,40 @@ def parse_args(argv=None) -> tuple[argparse.Namespace, Settings]:
             models[target] = value
         else:
             models["*"] = item
-    levels = [float(v) for v in args.cache_noise_levels.split(",") if v.strip()]
-    if any(not 0.0 <= v <= 1.0 for v in levels) or len(set(levels)) != len(levels):
-        p.error(f"--cache-noise-levels must be distinct values in [0, 1], got {args.cache_noise_levels}")
-    arms = all_arms(levels)
+    arms = list(DEFAULT_ARMS)
     if args.arms:
         chosen = [a.strip() for a in args.arms.split(",") if a.strip()]
-        bad = [a for a in chosen if a not in arms]
+        bad = [a for a in chosen if a not in ALL_ARMS]
         if bad:
-            p.error(f"--arms: unknown {bad}; choose from {arms}")
-        arms = [a for a in arms if a in chosen]
+            p.error(f"--arms: unknown {bad}; choose from {ALL_ARMS}")
+        arms = [a for a in ALL_ARMS if a in chosen]
+
+    def float_list(flag: str, text: str | None, full: str, quick: str, low: float, high: float) -> list[float]:
+        text = text if text is not None else (quick if q else full)
+        try:
+            values = [float(v) for v in text.split(",") if v.strip()]
+        except ValueError:
+            p.error(f"{flag} {text!r}: expected comma-separated numbers")
+        if not values or len(set(values)) != len(values) or any(not low <= v <= high for v in values):
+            p.error(f"{flag} must be distinct values in [{low:g}, {high:g}], got {text!r}")
+        return values
+
+    grid_p = float_list("--grid-p", args.grid_p, "0.25,0.5,0.75", "0.5", 0.0, 1.0)
+    if 0.0 in grid_p:
+        p.error("--grid-p: leave 0 out (p = 0, the classical recipe alone, is always a candidate)")
+    grid_noise = float_list("--grid-noise", args.grid_noise, "0,0.3,0.6", "0.3", 0.0, 1.0)
+    grid_repaint = float_list("--grid-repaint", args.grid_repaint, "0.7,1", "0.7,1", 0.5, 1.0)
+    filt_text = args.grid_filter or "off,on"
+    filt_words = [w.strip() for w in filt_text.split(",") if w.strip()]
+    if not filt_words or any(w not in ("off", "on") for w in filt_words) or len(set(filt_words)) != len(filt_words):
+        p.error(f"--grid-filter must be off, on or off,on, got {filt_text!r}")
+    grid_filter = [w == "on" for w in filt_words]
+    try:
+        grid_variants = _int_list(args.grid_variants or ("1" if q else "2,8"))
+    except ValueError:
+        p.error(f"--grid-variants {args.grid_variants!r}: expected comma-separated integers")
+    if not grid_variants or min(grid_variants) < 1:
+        p.error(f"--grid-variants must be integers >= 1, got {args.grid_variants!r}")
 
     def pick(value, full, quick):
         return value if value is not None else (quick if q else full)
@@ -694,8 +926,9 @@ def parse_args(argv=None) -> tuple[argparse.Namespace, Settings]:
     s = Settings(
         quick=q, datasets=names, shots=shots, seeds=pick(args.seeds, 10, 2), tune_seeds=pick(args.tune_seeds, 3, 1),
         steps=pick(args.steps, 150, 8), batch_size=pick(args.batch_size, 32, 16), lr=args.lr, width=args.width,
-        val_size=100 if q else 300, max_test=150 if q else None, rcg_p=args.rcg_p, online_noise=args.online_noise,
-        cache_noise_levels=levels, cache_variants=pick(args.cache_variants, 4, 1), rep_noise=args.rep_noise,
+        val_size=100 if q else 300, max_test=150 if q else None, grid_p=grid_p, grid_noise=grid_noise,
+        grid_repaint=grid_repaint, grid_filter=grid_filter, grid_variants=sorted(set(grid_variants)),
+        default_p=args.default_p, default_variants=pick(args.default_variants, 4, 1), rep_noise=args.rep_noise,
         rep_copies=pick(args.rep_copies, 10, 2), num_iter=pick(args.num_iter, None, 2),
         rdm_steps=pick(args.rdm_steps, None, 5), cfg=args.cfg, temperature=args.temperature,
         probe_cs=[0.1, 1.0, 10.0], classical_candidates=list(CLASSICAL_CANDIDATES), arms=arms,
@@ -705,10 +938,10 @@ def parse_args(argv=None) -> tuple[argparse.Namespace, Settings]:
         p.error(f"--threads must be >= 1, got {args.threads}")
     if s.seeds < 2:
         p.error(f"--seeds must be >= 2 for a confidence interval, got {s.seeds}")
-    if s.tune_seeds < 1 or s.steps < 1 or s.batch_size < 1 or s.cache_variants < 1 or s.rep_copies < 1:
-        p.error("--tune-seeds, --steps, --batch-size, --cache-variants and --rep-copies must be >= 1")
-    if not 0.0 <= s.rcg_p <= 1.0:
-        p.error(f"--p must be in [0, 1], got {s.rcg_p}")
+    if s.tune_seeds < 1 or s.steps < 1 or s.batch_size < 1 or s.default_variants < 1 or s.rep_copies < 1:
+        p.error("--tune-seeds, --steps, --batch-size, --default-variants and --rep-copies must be >= 1")
+    if not 0.0 <= s.default_p <= 1.0:
+        p.error(f"--default-p must be in [0, 1], got {s.default_p}")
     if args.split_only and not args.train_split_file:
         p.error("--split-only needs --train-split-file PATH")
     return args, s
@@ -750,8 +983,6 @@ def main(argv=None) -> int:
     args, s = parse_args(argv)
     t_start = time.perf_counter()
     torch.set_num_threads(args.threads)
-    with contextlib.suppress(ValueError):  # not in the main thread: keep the default handler
-        signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # unwind, so the temporary caches are removed
 
     def log(msg: str) -> None:
         print(msg, flush=True)
@@ -769,20 +1000,18 @@ def main(argv=None) -> int:
     stem = "fewshot_quick" if s.quick else "fewshot"
     args.out_dir.mkdir(parents=True, exist_ok=True)
     json_path, md_path, png_path = (args.out_dir / f"{stem}.{ext}" for ext in ("json", "md", "png"))
-    with tempfile.TemporaryDirectory(prefix="rcg-fewshot-") as tmp:
-        cache_root = args.cache_dir or Path(tmp)
-        for name, d in data.items():
-            pipe, spec = load_model(name, s)
-            prov = provenance(pipe, spec, d)
-            log(f"{name}: {len(d.pool)} pool / {len(d.test_full)} test images "
-                f"({len(d.test)} evaluated); shots {s.shots[name]}; {s.seeds} seeds")
-            log(f"  generative model: {prov['model']}")
-            log(f"  {prov['statement']}")
-            r = run_dataset(d, pipe, s, cache_root, log)
-            r["provenance"] = prov
-            report["datasets"][name] = r
-            report["wall_seconds"] = time.perf_counter() - t_start
-            json_path.write_text(json.dumps(report, indent=1) + "\n")  # partial results survive a kill
+    for name, d in data.items():
+        pipe, spec = load_model(name, s)
+        prov = provenance(pipe, spec, d)
+        log(f"{name}: {len(d.pool)} pool / {len(d.test_full)} test images "
+            f"({len(d.test)} evaluated); shots {s.shots[name]}; {s.seeds} seeds")
+        log(f"  generative model: {prov['model']}")
+        log(f"  {prov['statement']}")
+        r = run_dataset(d, pipe, s, log)
+        r["provenance"] = prov
+        report["datasets"][name] = r
+        report["wall_seconds"] = time.perf_counter() - t_start
+        json_path.write_text(json.dumps(report, indent=1) + "\n")  # partial results survive a kill
     report["wall_seconds"] = time.perf_counter() - t_start
     json_path.write_text(json.dumps(report, indent=1) + "\n")
     md = markdown(report)

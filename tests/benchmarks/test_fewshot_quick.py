@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from rcg_augment.data.splits import stratified_holdout
 
@@ -49,11 +50,71 @@ def test_t_interval_matches_the_closed_form():
     assert math.isnan(fs.t_interval([0.5])["half_width"])
 
 
+def test_p_zero_trains_exactly_as_the_classical_recipe_and_variants_change_it():
+    fs = load_script()
+    _, s = fs.parse_args(["--quick"])
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.rand(6, 1, 32, 32, generator=g), torch.tensor([0, 0, 0, 1, 1, 1])
+    variants = torch.rand(6, 2, 1, 32, 32, generator=g)
+
+    def weights(arm):
+        return torch.cat([t.flatten() for t in fs.train_cnn(x, y, 2, arm, s, seed=5).state_dict().values()
+                          if t.is_floating_point()])
+
+    classical = weights(fs.ImageArm("affine-light"))
+    assert torch.equal(weights(fs.ImageArm("affine-light", variants=variants, p=0.0)), classical)
+    assert torch.equal(weights(fs.ImageArm("affine-light", variants=variants, p=0.5)),
+                       weights(fs.ImageArm("affine-light", variants=variants, p=0.5)))  # seeded
+    assert not torch.equal(weights(fs.ImageArm("affine-light", variants=variants, p=0.5)), classical)
+    # images without a usable variant are never replaced: all counts 0 is the classical run again
+    none_left = fs.ImageArm("affine-light", variants=variants, counts=torch.zeros(6, dtype=torch.long), p=1.0)
+    assert torch.equal(weights(none_left), classical)
+
+
+def test_label_filter_keeps_the_first_accepted_candidates_in_draw_order():
+    fs = load_script()
+    # two classes with prototypes along e0 / e1; candidate reps point at one of them
+    e0, e1 = torch.tensor([1.0, 0.0]), torch.tensor([0.0, 1.0])
+    reps = torch.stack([torch.stack([e1, e0, e1, e0]),   # source 0 (class 0): candidates 1 and 3 accepted
+                        torch.stack([e0, e0, e0, e0])])  # source 1 (class 1): none accepted
+    images = torch.arange(8, dtype=torch.float32).view(2, 4, 1, 1, 1).expand(2, 4, 1, 2, 2).clone()
+    cands = fs.Candidates(images, reps, seconds_per_variant=0.5, encode_seconds_per_variant=0.25)
+    train_reps = np.stack([e0.numpy(), e1.numpy()])
+    labels = np.array([0, 1])
+    config = fs.RCGConfig(0.5, 0.3, 0.7, True, 2)
+    picked, counts, stats = fs.select_variants(cands, [0, 1], labels, config, train_reps, 2)
+    assert counts.tolist() == [2, 0]
+    assert picked[0, :, 0, 0, 0].tolist() == [1.0, 3.0]
+    assert stats == {"candidates_per_image": 4, "acceptance": 0.25, "images_without_variant": 1}
+    assert fs.generation_seconds(cands, config, 2, stats) == pytest.approx((0.5 + 0.25) * 2 * 4)
+    off = fs.RCGConfig(0.5, 0.3, 0.7, False, 3)
+    picked, counts, stats = fs.select_variants(cands, [1, 0], labels[::-1].copy(), off, train_reps, 2)
+    assert counts.tolist() == [3, 3] and picked[0, :, 0, 0, 0].tolist() == [4.0, 5.0, 6.0]
+    assert fs.generation_seconds(cands, off, 2, stats) == pytest.approx(0.5 * 2 * 3)
+    assert fs.generation_seconds(cands, fs.RCGConfig(0.0), 2, stats) == 0.0
+
+
+def test_grid_puts_classical_alone_first_and_rejects_bad_values():
+    fs = load_script()
+    _, s = fs.parse_args(["--grid-p", "0.5", "--grid-noise", "0,0.3", "--grid-repaint", "1",
+                          "--grid-filter", "on", "--grid-variants", "8,2"])
+    grid = s.grid()
+    assert grid[0] == fs.RCGConfig(0.0) and len(grid) == 1 + 2 * 1 * 1 * 2
+    assert s.candidates == 8 and {c.variants for c in grid[1:]} == {2, 8}
+    assert all(c.label_filter for c in grid[1:])
+    for bad in (["--grid-p", "0,0.5"], ["--grid-repaint", "0.4"], ["--grid-filter", "maybe"],
+                ["--grid-variants", "0"], ["--grid-noise", "0.3,0.3"], ["--arms", "classical+rcg-cache@0.3"]):
+        with pytest.raises(SystemExit):
+            fs.parse_args(bad)
+
+
 def test_fewshot_quick(tmp_path):
     split = tmp_path / "split.json"
+    arms = ["none", "classical", "classical+rcg", "classical+rcg-default", "probe", "probe+rep-aug",
+            "classical+rcg-online"]
     proc = subprocess.run(
-        [sys.executable, str(SCRIPT), "--quick", "--out-dir", str(tmp_path), "--cache-dir", str(tmp_path / "caches"),
-         "--train-split-file", str(split)],
+        [sys.executable, str(SCRIPT), "--quick", "--out-dir", str(tmp_path), "--train-split-file", str(split),
+         "--arms", ",".join(arms)],
         capture_output=True, text=True, timeout=600, cwd=tmp_path,
     )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
@@ -61,22 +122,30 @@ def test_fewshot_quick(tmp_path):
 
     data = json.loads((tmp_path / "fewshot_quick.json").read_text())
     settings = data["settings"]
-    arms = settings["arms"]
-    assert arms == ["none", "classical", "classical+rcg-online", "classical+rcg-cache@0", "classical+rcg-cache@0.3",
-                    "classical+rcg-cache@0.6", "probe", "probe+rep-aug"]
+    assert settings["arms"] == arms
     assert set(data["datasets"]) == {"digits", "lfw-faces"}
     for key in ("date", "machine", "versions", "wall_seconds"):
         assert data[key]
+    fs = load_script()
     for name, result in data["datasets"].items():
         assert result["provenance"]["statement"]
-        assert result["tuning"] and all(t["classical"] in settings["classical_candidates"]
-                                        for t in result["tuning"].values())
+        assert result["grid_points"] == 1 + 2 * 2  # p=0, then 1 p x 1 noise x 2 repaints x 2 filters x 1 count
+        for t in result["tuning"].values():
+            assert t["classical"] in settings["classical_candidates"]
+            assert set(t["rcg_val_accuracy"]) == {c.key() for c in fs.Settings(**settings).grid()}
+            assert t["rcg_key"] == fs.RCGConfig(**t["rcg"]).key()
+            assert t["rcg_val_accuracy"][t["rcg_key"]] == max(t["rcg_val_accuracy"].values())
+            assert t["rcg_val_accuracy"]["p=0 (classical alone)"] == t["classical_val_accuracy"][t["classical"]]
+            assert all(0.0 <= v <= 1.0 for v in t["rcg_filter_acceptance"].values())
+        assert result["default_rcg"]["noise_level"] == 0.3 and not result["default_rcg"]["label_filter"]
         for cell in result["shots"].values():
             for arm in arms:
                 accs = cell["per_seed"][arm]
                 assert len(accs) == settings["seeds"] and all(0.0 <= a <= 1.0 for a in accs), (name, arm)
                 summary = cell["summary"][arm]
                 assert math.isfinite(summary["mean"]) and math.isfinite(summary["half_width"]), (name, arm)
+                assert cell["seconds_per_run"][arm] >= cell["generation_seconds_per_run"][arm] >= 0.0
+            assert cell["generation_seconds_per_run"]["classical+rcg-default"] > 0  # its variants cost something
             paired = cell["paired"]
             for arm in arms:
                 if arm.startswith("classical+rcg"):
@@ -85,9 +154,10 @@ def test_fewshot_quick(tmp_path):
             assert paired["probe+rep-aug"]["reference"] == "probe"
 
     md = (tmp_path / "fewshot_quick.md").read_text()
-    for label in ("(a) none", "(b) classical", "(c)", "(d)", "(e) linear probe", "(f)", "Paired differences"):
+    for label in ("(a) none", "(b) classical", "(c)", "(d)", "(e) linear probe", "(f)", "(g)", "Paired differences",
+                  "RCG settings chosen", "Cost: seconds per classifier"):
         assert label in md
-    assert md.count("| (d) ") >= 2 * 3  # three cache arms per dataset
+    assert md.count("| (c) ") == 2 * 3  # results, paired differences, cost; per dataset
 
     from PIL import Image
 
