@@ -151,6 +151,7 @@ class Settings:
     arms: list[str]
     device: str
     models: dict[str, str] = field(default_factory=dict)
+    tuning_from: str | None = None
 
     def grid(self) -> list[RCGConfig]:
         """The declared RCG grid, p = 0 first: on a tie the earlier (simpler, cheaper) point wins."""
@@ -598,6 +599,24 @@ def tune(d: DatasetData, shots_list: list[int], s: Settings, reps, pipe: RCGPipe
     return out
 
 
+def tuning_from_report(path: str, name: str, shots_list: list[int], s: Settings) -> dict:
+    """The tuning block of an earlier full run, to evaluate more arms under the same choices.
+
+    The classifier budget, the candidates and the grid must be the ones that run tuned with."""
+    report = json.loads(Path(path).read_text())
+    old = report["settings"]
+    for key in ("steps", "batch_size", "lr", "width", "tune_seeds", "val_size", "classical_candidates", "probe_cs",
+                "grid_p", "grid_noise", "grid_repaint", "grid_filter", "grid_variants"):
+        if old.get(key) != asdict(s)[key]:
+            raise SystemExit(f"--tuning-from {path}: it was tuned with {key}={old.get(key)!r}, this run has "
+                             f"{asdict(s)[key]!r}")
+    tuning = report.get("datasets", {}).get(name, {}).get("tuning", {})
+    missing = [k for k in shots_list if str(k) not in tuning or "rcg" not in tuning[str(k)]]
+    if missing:
+        raise SystemExit(f"--tuning-from {path}: no RCG tuning for {name} at {missing} shots")
+    return {str(k): tuning[str(k)] for k in shots_list}
+
+
 # ============================================================================== one dataset
 def run_dataset(d: DatasetData, pipe: RCGPipeline, s: Settings, log) -> dict:
     y_all = torch.as_tensor(d.labels)
@@ -621,7 +640,11 @@ def run_dataset(d: DatasetData, pipe: RCGPipeline, s: Settings, log) -> dict:
                                                   rdm_steps=s.rdm_steps).to_dict(),
               "default_rcg": asdict(defaults), "grid_points": len(s.grid())}
     t0 = time.perf_counter()
-    result["tuning"] = tune(d, shots_list, s, reps, pipe, log)
+    if s.tuning_from:
+        result["tuning"] = tuning_from_report(s.tuning_from, d.name, shots_list, s)
+        result["tuning_from"] = s.tuning_from
+    else:
+        result["tuning"] = tune(d, shots_list, s, reps, pipe, log)
     for k in shots_list:
         tk = result["tuning"][str(k)]
         log(f"  tuned {d.name} {k}-shot: classical={tk['classical']}"
@@ -855,6 +878,8 @@ def parse_args(argv=None) -> tuple[argparse.Namespace, Settings]:
                    help="torch CPU threads (default 1: the CNN's kernels are tiny, and on a shared box more "
                         "threads spin against each other; measured 8x slower with 2 threads at load 10 on 2 cores)")
     p.add_argument("--out-dir", type=Path, default=RESULTS, help="where fewshot[_quick].{md,json,png} go")
+    p.add_argument("--tuning-from", type=Path, help="reuse the tuning (classical recipe, probe C, RCG settings) of "
+                   "an earlier run's JSON instead of tuning again, e.g. to add the online arm")
     p.add_argument("--train-split-file", type=Path,
                    help="write the held-out test indices per dataset (JSON) for the model recipe to exclude")
     p.add_argument("--split-only", action="store_true", help="write --train-split-file and exit")
@@ -932,7 +957,7 @@ def parse_args(argv=None) -> tuple[argparse.Namespace, Settings]:
         rep_copies=pick(args.rep_copies, 10, 2), num_iter=pick(args.num_iter, None, 2),
         rdm_steps=pick(args.rdm_steps, None, 5), cfg=args.cfg, temperature=args.temperature,
         probe_cs=[0.1, 1.0, 10.0], classical_candidates=list(CLASSICAL_CANDIDATES), arms=arms,
-        device=args.device, models=models,
+        device=args.device, models=models, tuning_from=str(args.tuning_from) if args.tuning_from else None,
     )
     if args.threads < 1:
         p.error(f"--threads must be >= 1, got {args.threads}")

@@ -185,3 +185,23 @@ def test_fewshot_quick(tmp_path):
     assert merged["wall_seconds"] == 4.0 and [r["command"] for r in merged["runs"]] == ["run digits", "run lfw-faces"]
     assert (merged_dir / "fewshot_quick.md").read_text() == (tmp_path / "fewshot_quick.md").read_text().replace(
         f"wall time {report['wall_seconds']:.0f} s", "wall time 4 s")
+
+
+def test_tuning_from_reuses_choices_and_reproduces_the_arms(tmp_path):
+    first, second = tmp_path / "first", tmp_path / "second"
+    base = [sys.executable, str(SCRIPT), "--quick", "--datasets", "lfw-faces"]
+    proc = subprocess.run([*base, "--arms", "classical,classical+rcg", "--out-dir", str(first)],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    tuned = first / "fewshot_quick.json"
+    proc = subprocess.run([*base, "--arms", "classical,classical+rcg,classical+rcg-default", "--out-dir", str(second),
+                           "--tuning-from", str(tuned)], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    a = json.loads(tuned.read_text())["datasets"]["lfw-faces"]
+    b = json.loads((second / "fewshot_quick.json").read_text())["datasets"]["lfw-faces"]
+    assert b["tuning"] == a["tuning"] and b["tuning_from"] == str(tuned)
+    for arm in ("classical", "classical+rcg"):  # same seeds, same choices: the same accuracies
+        assert b["shots"]["1"]["per_seed"][arm] == a["shots"]["1"]["per_seed"][arm]
+    proc = subprocess.run([*base, "--steps", "9", "--out-dir", str(tmp_path / "bad"), "--tuning-from", str(tuned)],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode != 0 and "tuned with steps=8" in proc.stderr
