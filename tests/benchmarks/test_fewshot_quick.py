@@ -111,7 +111,7 @@ def test_grid_puts_classical_alone_first_and_rejects_bad_values():
 def test_fewshot_quick(tmp_path):
     split = tmp_path / "split.json"
     arms = ["none", "classical", "classical+rcg", "classical+rcg-default", "probe", "probe+rep-aug",
-            "classical+rcg-online"]
+            "classical+rcg-online", "classical+rcg-on"]
     proc = subprocess.run(
         [sys.executable, str(SCRIPT), "--quick", "--out-dir", str(tmp_path), "--train-split-file", str(split),
          "--arms", ",".join(arms)],
@@ -154,7 +154,8 @@ def test_fewshot_quick(tmp_path):
             assert paired["probe+rep-aug"]["reference"] == "probe"
 
     md = (tmp_path / "fewshot_quick.md").read_text()
-    for label in ("(a) none", "(b) classical", "(c)", "(d)", "(e) linear probe", "(f)", "(g)", "Paired differences",
+    for label in ("(a) none", "(b) classical", "(c)", "(d)", "(e) linear probe", "(f)", "(g)", "(h)",
+                  "Paired differences",
                   "RCG settings chosen", "Cost: seconds per classifier"):
         assert label in md
     assert md.count("| (c) ") == 2 * 3  # results, paired differences, cost; per dataset
@@ -205,3 +206,14 @@ def test_tuning_from_reuses_choices_and_reproduces_the_arms(tmp_path):
     proc = subprocess.run([*base, "--steps", "9", "--out-dir", str(tmp_path / "bad"), "--tuning-from", str(tuned)],
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode != 0 and "tuned with steps=8" in proc.stderr
+
+    # merge: a later run under the same tuning adds its arms to the dataset (paired differences recomputed)
+    proc = subprocess.run([sys.executable, str(SCRIPT), "merge", str(tuned), str(second / "fewshot_quick.json"),
+                           "--out-dir", str(tmp_path / "merged")], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    merged = json.loads((tmp_path / "merged" / "fewshot_quick.json").read_text())
+    assert merged["settings"]["arms"] == ["classical", "classical+rcg", "classical+rcg-default"]
+    cell = merged["datasets"]["lfw-faces"]["shots"]["1"]
+    assert cell["per_seed"]["classical+rcg-default"] == b["shots"]["1"]["per_seed"]["classical+rcg-default"]
+    assert cell["paired"]["classical+rcg-default"] == b["shots"]["1"]["paired"]["classical+rcg-default"]
+    assert "(d) (b) + RCG cache, library defaults" in (tmp_path / "merged" / "fewshot_quick.md").read_text()
