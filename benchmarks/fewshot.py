@@ -744,6 +744,11 @@ def pct(x: float) -> str:
     return "nan" if not math.isfinite(x) else f"{100 * x:.1f}"
 
 
+def dataset_arms(r: dict, arms: list[str]) -> list[str]:
+    """The arms of ``arms`` that ran on this dataset at any shot count."""
+    return [a for a in arms if any(a in cell["summary"] for cell in r["shots"].values())]
+
+
 def _shots_header(shots: list[str]) -> str:
     return " | ".join(f"{k} shot{'s' if k != '1' else ''}" for k in shots)
 
@@ -781,35 +786,36 @@ def markdown(report: dict) -> str:
                 lines.append(f"| {k} | {t['rcg_key']} | {pct(val[t['rcg_key']])} | {pct(val['p=0 (classical alone)'])}"
                              f" | {'-' if acc is None else pct(acc)} |")
             lines.append("")
+        arms = dataset_arms(r, s["arms"])  # an arm added by a later run may cover fewer shot counts: "-"
         lines += ["| arm | " + _shots_header(shots) + " |", "|---|" + "---|" * len(shots)]
-        for arm in s["arms"]:
+        for arm in arms:
             cells = []
             for k in shots:
-                m = r["shots"][k]["summary"][arm]
-                cells.append(f"{pct(m['mean'])} ± {pct(m['half_width'])}")
+                m = r["shots"][k]["summary"].get(arm)
+                cells.append("-" if m is None else f"{pct(m['mean'])} ± {pct(m['half_width'])}")
             lines.append(f"| {arm_label(arm)} | " + " | ".join(cells) + " |")
-        paired = [a for a in r["shots"][shots[0]]["paired"]]
+        paired = list(dict.fromkeys(a for k in shots for a in r["shots"][k]["paired"]))
         if paired:
             lines += ["", "Paired differences (percentage points, same seeds), mean [95% CI]:", "",
                       "| arm − reference | " + _shots_header(shots) + " |", "|---|" + "---|" * len(shots)]
             for a in paired:
-                ref = r["shots"][shots[0]]["paired"][a]["reference"]
+                ref = next(r["shots"][k]["paired"][a] for k in shots if a in r["shots"][k]["paired"])["reference"]
                 base = a.split(" vs ")[0]
                 cells = []
                 for k in shots:
-                    p = r["shots"][k]["paired"][a]
-                    cells.append(f"{100 * p['mean']:+.1f} [{pct(p['low'])}, {pct(p['high'])}]")
+                    p = r["shots"][k]["paired"].get(a)
+                    cells.append("-" if p is None else f"{100 * p['mean']:+.1f} [{pct(p['low'])}, {pct(p['high'])}]")
                 lines.append(f"| {arm_label(base)} − {arm_label(ref).split(' ')[0]} | " + " | ".join(cells) + " |")
         if "seconds_per_run" in r["shots"][shots[0]]:
             lines += ["", "Cost: seconds per classifier, generation included (generation from its measured rate, "
                       "one thread), and the one-off tuning:", "",
                       "| arm | " + _shots_header(shots) + " |", "|---|" + "---|" * len(shots)]
-            for arm in s["arms"]:
+            for arm in arms:
                 cells = []
                 for k in shots:
-                    sec = r["shots"][k]["seconds_per_run"][arm]
-                    gen = r["shots"][k]["generation_seconds_per_run"][arm]
-                    cells.append(f"{sec:.1f}" + (f" (gen. {gen:.1f})" if gen > 0 else ""))
+                    sec = r["shots"][k]["seconds_per_run"].get(arm)
+                    gen = r["shots"][k]["generation_seconds_per_run"].get(arm, 0.0)
+                    cells.append("-" if sec is None else f"{sec:.1f}" + (f" (gen. {gen:.1f})" if gen > 0 else ""))
                 lines.append(f"| {arm_label(arm)} | " + " | ".join(cells) + " |")
             tune_cells = []
             for k in shots:
@@ -831,12 +837,13 @@ def plot(report: dict, path: Path) -> None:
     for ax, name in zip(axes[0], names, strict=True):
         r = report["datasets"][name]
         shots = [int(k) for k in r["shots"]]
-        for arm in report["settings"]["arms"]:
-            m = np.array([r["shots"][str(k)]["summary"][arm]["mean"] for k in shots]) * 100
-            h = np.nan_to_num(np.array([r["shots"][str(k)]["summary"][arm]["half_width"] for k in shots]) * 100)
+        for arm in dataset_arms(r, report["settings"]["arms"]):
+            ks = [k for k in shots if arm in r["shots"][str(k)]["summary"]]
+            m = np.array([r["shots"][str(k)]["summary"][arm]["mean"] for k in ks]) * 100
+            h = np.nan_to_num(np.array([r["shots"][str(k)]["summary"][arm]["half_width"] for k in ks]) * 100)
             style = "--" if arm.startswith("probe") else "-"
-            line, = ax.plot(shots, m, style, marker="o", label=arm_label(arm))
-            ax.fill_between(shots, m - h, m + h, color=line.get_color(), alpha=0.15)
+            line, = ax.plot(ks, m, style, marker="o", label=arm_label(arm))
+            ax.fill_between(ks, m - h, m + h, color=line.get_color(), alpha=0.15)
         if len(shots) > 1:
             ax.set_xscale("log")
         ax.set_xticks(shots, [str(k) for k in shots])
@@ -995,7 +1002,10 @@ def combine_arms(a: dict, b: dict) -> dict:
     differences recomputed. Both must come from the same tuning and seeds."""
     out = dict(a, shots={})
     for k, cell_a in a["shots"].items():
-        cell_b = b["shots"][k]
+        cell_b = b["shots"].get(k)
+        if cell_b is None:
+            out["shots"][k] = cell_a
+            continue
         per = {**cell_a["per_seed"], **cell_b["per_seed"]}
         for arm in set(cell_a["per_seed"]) & set(cell_b["per_seed"]):
             if len(cell_a["per_seed"][arm]) != len(cell_b["per_seed"][arm]):
@@ -1017,7 +1027,8 @@ def merge_reports(paths: list[Path], out_dir: Path) -> int:
             raise SystemExit(f"{path}: cannot merge quick and full results")
         for name, d in r["datasets"].items():
             before = merged["datasets"].get(name)
-            if before is not None and before["tuning"] == d["tuning"] and before["shots"].keys() == d["shots"].keys():
+            if before is not None and set(d["shots"]) <= set(before["shots"]) and all(
+                    d["tuning"][k] == before["tuning"][k] for k in d["shots"]):
                 merged["datasets"][name] = combine_arms(before, d)  # same choices, same seeds: arms add up
             else:
                 merged["datasets"][name] = d  # a later file wins

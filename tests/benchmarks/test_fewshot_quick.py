@@ -191,7 +191,7 @@ def test_fewshot_quick(tmp_path):
 def test_tuning_from_reuses_choices_and_reproduces_the_arms(tmp_path):
     first, second = tmp_path / "first", tmp_path / "second"
     base = [sys.executable, str(SCRIPT), "--quick", "--datasets", "lfw-faces"]
-    proc = subprocess.run([*base, "--arms", "classical,classical+rcg", "--out-dir", str(first)],
+    proc = subprocess.run([*base, "--arms", "classical,classical+rcg", "--shots", "1,2", "--out-dir", str(first)],
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     tuned = first / "fewshot_quick.json"
@@ -200,7 +200,7 @@ def test_tuning_from_reuses_choices_and_reproduces_the_arms(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     a = json.loads(tuned.read_text())["datasets"]["lfw-faces"]
     b = json.loads((second / "fewshot_quick.json").read_text())["datasets"]["lfw-faces"]
-    assert b["tuning"] == a["tuning"] and b["tuning_from"] == str(tuned)
+    assert b["tuning"] == {"1": a["tuning"]["1"]} and b["tuning_from"] == str(tuned)
     for arm in ("classical", "classical+rcg"):  # same seeds, same choices: the same accuracies
         assert b["shots"]["1"]["per_seed"][arm] == a["shots"]["1"]["per_seed"][arm]
     proc = subprocess.run([*base, "--steps", "9", "--out-dir", str(tmp_path / "bad"), "--tuning-from", str(tuned)],
@@ -216,4 +216,7 @@ def test_tuning_from_reuses_choices_and_reproduces_the_arms(tmp_path):
     cell = merged["datasets"]["lfw-faces"]["shots"]["1"]
     assert cell["per_seed"]["classical+rcg-default"] == b["shots"]["1"]["per_seed"]["classical+rcg-default"]
     assert cell["paired"]["classical+rcg-default"] == b["shots"]["1"]["paired"]["classical+rcg-default"]
-    assert "(d) (b) + RCG cache, library defaults" in (tmp_path / "merged" / "fewshot_quick.md").read_text()
+    assert merged["datasets"]["lfw-faces"]["shots"]["2"] == a["shots"]["2"]  # the later run had 1 shot only
+    md = (tmp_path / "merged" / "fewshot_quick.md").read_text()
+    row = next(line for line in md.splitlines() if line.startswith("| (d) (b) + RCG cache, library defaults |"))
+    assert row.endswith("| - |")  # no 2-shot result for the added arm
