@@ -606,6 +606,7 @@ def tune(d: DatasetData, shots_list: list[int], s: Settings, reps, pipe: RCGPipe
         out[str(k)]["rcg"] = asdict(grid[chosen])
         out[str(k)]["rcg_key"] = grid[chosen].key()
         out[str(k)]["rcg_val_accuracy"] = means
+        out[str(k)]["rcg_on_key"] = best_with_rcg(out[str(k)], s).key()  # arm (h)
         out[str(k)]["rcg_val_gain_over_classical"] = means[grid[chosen].key()] - means[grid[0].key()]
         out[str(k)]["rcg_filter_acceptance"] = {key: float(np.mean(v)) for key, v in acceptance.items()}
         out[str(k)]["rcg_seconds"] = time.perf_counter() - t0  # generation (first use) + grid CNNs
@@ -632,6 +633,16 @@ def tuning_from_report(path: str, name: str, shots_list: list[int], s: Settings)
     if missing:
         raise SystemExit(f"--tuning-from {path}: no RCG tuning for {name} at {missing} shots")
     return {str(k): tuning[str(k)] for k in shots_list}
+
+
+def best_on_key(tuned: dict) -> str:
+    """Arm (h)'s grid point from a tuning record: recorded as ``rcg_on_key``; older records are
+    read off ``rcg_val_accuracy`` (grid order, p = 0 first; ties: the earlier point)."""
+    if "rcg_on_key" in tuned:
+        return tuned["rcg_on_key"]
+    keys = [key for key in tuned["rcg_val_accuracy"] if key != RCGConfig(p=0.0).key()]
+    val = tuned["rcg_val_accuracy"]
+    return keys[max(range(len(keys)), key=lambda i: (val[keys[i]], -i))]
 
 
 def best_with_rcg(tuned: dict, s: Settings) -> RCGConfig:
@@ -778,13 +789,15 @@ def markdown(report: dict) -> str:
         if all("rcg" in r["tuning"][k] for k in shots):
             lines += ["RCG settings chosen on the same validation draws (validation accuracy %, RCG vs classical "
                       "alone):", "",
-                      "| shots | chosen | val. RCG | val. classical | filter acceptance |", "|---|---|---|---|---|"]
+                      "| shots | chosen for (c) | val. RCG | val. classical | filter acceptance | best with p > 0, for (h) "
+                      "| val. (h) |", "|---|---|---|---|---|---|---|"]
             for k in shots:
                 t = r["tuning"][k]
                 val = t["rcg_val_accuracy"]
                 acc = t["rcg_filter_acceptance"].get(t["rcg_key"])
+                on = best_on_key(t)
                 lines.append(f"| {k} | {t['rcg_key']} | {pct(val[t['rcg_key']])} | {pct(val['p=0 (classical alone)'])}"
-                             f" | {'-' if acc is None else pct(acc)} |")
+                             f" | {'-' if acc is None else pct(acc)} | {on} | {pct(val[on])} |")
             lines.append("")
         arms = dataset_arms(r, s["arms"])  # an arm added by a later run may cover fewer shot counts: "-"
         lines += ["| arm | " + _shots_header(shots) + " |", "|---|" + "---|" * len(shots)]
@@ -1036,6 +1049,10 @@ def merge_reports(paths: list[Path], out_dir: Path) -> int:
             a in cell["per_seed"] for d in merged["datasets"].values() for cell in d["shots"].values())])
         merged["runs"].append({"file": str(path), "date": r["date"], "command": r["command"],
                                "datasets": sorted(r["datasets"]), "wall_seconds": r.get("wall_seconds")})
+    for d in merged["datasets"].values():  # records written before arm (h)'s key was stored
+        for tuned in d["tuning"].values():
+            if "rcg_val_accuracy" in tuned:
+                tuned.setdefault("rcg_on_key", best_on_key(tuned))
     merged["wall_seconds"] = sum(run["wall_seconds"] or 0.0 for run in merged["runs"])
     merged["command"] = " ; ".join(run["command"] for run in merged["runs"])
     stem = "fewshot_quick" if merged["settings"]["quick"] else "fewshot"

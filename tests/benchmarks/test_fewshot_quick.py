@@ -108,6 +108,17 @@ def test_grid_puts_classical_alone_first_and_rejects_bad_values():
             fs.parse_args(bad)
 
 
+def test_best_on_key_skips_classical_alone_and_breaks_ties_to_the_earlier_point():
+    fs = load_script()
+    val = {"p=0 (classical alone)": 0.9, "a": 0.7, "b": 0.8, "c": 0.8}
+    assert fs.best_on_key({"rcg_val_accuracy": val}) == "b"
+    assert fs.best_on_key({"rcg_val_accuracy": val, "rcg_on_key": "c"}) == "c"  # the record wins
+    _, s = fs.parse_args(["--quick"])
+    keys = [c.key() for c in s.grid()]
+    scores = {k: 0.5 for k in keys} | {keys[0]: 0.9, keys[-1]: 0.6}
+    assert fs.best_on_key({"rcg_val_accuracy": scores}) == fs.best_with_rcg({"rcg_val_accuracy": scores}, s).key()
+
+
 def test_fewshot_quick(tmp_path):
     split = tmp_path / "split.json"
     arms = ["none", "classical", "classical+rcg", "classical+rcg-default", "probe", "probe+rep-aug",
@@ -137,6 +148,9 @@ def test_fewshot_quick(tmp_path):
             assert t["rcg_val_accuracy"][t["rcg_key"]] == max(t["rcg_val_accuracy"].values())
             assert t["rcg_val_accuracy"]["p=0 (classical alone)"] == t["classical_val_accuracy"][t["classical"]]
             assert all(0.0 <= v <= 1.0 for v in t["rcg_filter_acceptance"].values())
+            on = t["rcg_on_key"]  # arm (h): the best point with p > 0, also readable from older records
+            assert on != "p=0 (classical alone)" and on in t["rcg_val_accuracy"]
+            assert on == fs.best_on_key({k: v for k, v in t.items() if k != "rcg_on_key"})
         assert result["default_rcg"]["noise_level"] == 0.3 and not result["default_rcg"]["label_filter"]
         for cell in result["shots"].values():
             for arm in arms:
@@ -156,7 +170,7 @@ def test_fewshot_quick(tmp_path):
     md = (tmp_path / "fewshot_quick.md").read_text()
     for label in ("(a) none", "(b) classical", "(c)", "(d)", "(e) linear probe", "(f)", "(g)", "(h)",
                   "Paired differences",
-                  "RCG settings chosen", "Cost: seconds per classifier"):
+                  "RCG settings chosen", "best with p > 0, for (h)", "Cost: seconds per classifier"):
         assert label in md
     assert md.count("| (c) ") == 2 * 3  # results, paired differences, cost; per dataset
 
