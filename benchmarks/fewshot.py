@@ -648,9 +648,8 @@ def best_on_key(tuned: dict) -> str:
 def best_with_rcg(tuned: dict, s: Settings) -> RCGConfig:
     """The grid point with p > 0 that validated best (ties: the earlier point): the RCG arm for a
     user who uses RCG whatever the validation says."""
-    grid = s.grid()[1:]
-    val = tuned["rcg_val_accuracy"]
-    return grid[max(range(len(grid)), key=lambda i: (val[grid[i].key()], -i))]
+    key = best_on_key(tuned)
+    return next(c for c in s.grid()[1:] if c.key() == key)
 
 
 # ============================================================================== one dataset
