@@ -557,7 +557,7 @@ def tune(d: DatasetData, shots_list: list[int], s: Settings, reps, pipe: RCGPipe
     """
     y_all = torch.as_tensor(d.labels)
     want_probe = any(a.startswith("probe") for a in s.arms)
-    want_rcg = any(a in ("classical+rcg", "classical+rcg-online") for a in s.arms)
+    want_rcg = any(a in ("classical+rcg", "classical+rcg-online", "classical+rcg-on") for a in s.arms)
     out = {}
     for k in shots_list:
         scores = {c: [] for c in s.classical_candidates}
@@ -624,10 +624,15 @@ def tuning_from_report(path: str, name: str, shots_list: list[int], s: Settings)
     report = json.loads(Path(path).read_text())
     old = report["settings"]
     for key in ("steps", "batch_size", "lr", "width", "tune_seeds", "val_size", "classical_candidates", "probe_cs",
-                "grid_p", "grid_noise", "grid_repaint", "grid_filter", "grid_variants"):
+                "grid_p", "grid_noise", "grid_repaint", "grid_filter", "grid_variants",
+                "num_iter", "rdm_steps", "cfg", "temperature", "models"):  # and the same generator
         if old.get(key) != asdict(s)[key]:
             raise SystemExit(f"--tuning-from {path}: it was tuned with {key}={old.get(key)!r}, this run has "
                              f"{asdict(s)[key]!r}")
+    old_candidates = max([*old["grid_variants"], old["default_variants"]])
+    if old_candidates != s.candidates:  # the filtered arms pick from this many candidates per image
+        raise SystemExit(f"--tuning-from {path}: it drew {old_candidates} candidates per image, this run "
+                         f"{s.candidates} (--default-variants)")
     tuning = report.get("datasets", {}).get(name, {}).get("tuning", {})
     missing = [k for k in shots_list if str(k) not in tuning or "rcg" not in tuning[str(k)]]
     if missing:
@@ -707,8 +712,12 @@ def run_dataset(d: DatasetData, pipe: RCGPipeline, s: Settings, log) -> dict:
                     acc = accuracy(train_cnn(x, y, len(d.classes), ImageArm(tuned["classical"]), s, rs),
                                    x_test, y_test, s.device)
                 elif arm in ("classical+rcg", "classical+rcg-default", "classical+rcg-on"):
-                    config = {"classical+rcg": RCGConfig(**tuned["rcg"]), "classical+rcg-default": defaults,
-                              "classical+rcg-on": best_with_rcg(tuned, s)}[arm]
+                    if arm == "classical+rcg":
+                        config = RCGConfig(**tuned["rcg"])
+                    elif arm == "classical+rcg-on":
+                        config = best_with_rcg(tuned, s)
+                    else:  # the library's defaults need no tuning
+                        config = defaults
                     image_arm, gen, stats = bank.arm(train, config, tuned["classical"], reps(train))
                     t = time.perf_counter()  # generation is counted from its measured rate, not its wall time here
                     acc = accuracy(train_cnn(x, y, len(d.classes), image_arm, s, rs), x_test, y_test, s.device)
@@ -1009,6 +1018,11 @@ def parse_args(argv=None) -> tuple[argparse.Namespace, Settings]:
     return args, s
 
 
+def _choices(tuned: dict) -> dict:
+    """A tuning record without its wall times: what two runs must share to combine their arms."""
+    return {k: v for k, v in tuned.items() if not k.endswith("seconds")}
+
+
 def combine_arms(a: dict, b: dict) -> dict:
     """Dataset results ``a`` with ``b``'s arms added (``b`` wins for an arm in both); paired
     differences recomputed. Both must come from the same tuning and seeds."""
@@ -1019,9 +1033,8 @@ def combine_arms(a: dict, b: dict) -> dict:
             out["shots"][k] = cell_a
             continue
         per = {**cell_a["per_seed"], **cell_b["per_seed"]}
-        for arm in set(cell_a["per_seed"]) & set(cell_b["per_seed"]):
-            if len(cell_a["per_seed"][arm]) != len(cell_b["per_seed"][arm]):
-                raise SystemExit(f"merge: {arm} at {k} shots has different seed counts in the two runs")
+        if len({len(v) for v in [*cell_a["per_seed"].values(), *cell_b["per_seed"].values()]}) > 1:
+            raise SystemExit(f"merge: the two runs have different seed counts at {k} shots")
         cell = {"per_seed": per, "summary": {x: t_interval(v) for x, v in per.items()},
                 "paired": paired_differences(per, [x for x in ALL_ARMS if x in per])}
         for key in ("seconds_per_run", "generation_seconds_per_run", "filter_acceptance"):
@@ -1040,9 +1053,12 @@ def merge_reports(paths: list[Path], out_dir: Path) -> int:
         for name, d in r["datasets"].items():
             before = merged["datasets"].get(name)
             if before is not None and set(d["shots"]) <= set(before["shots"]) and all(
-                    d["tuning"][k] == before["tuning"][k] for k in d["shots"]):
+                    _choices(d["tuning"][k]) == _choices(before["tuning"][k]) for k in d["shots"]):
                 merged["datasets"][name] = combine_arms(before, d)  # same choices, same seeds: arms add up
             else:
+                if before is not None:
+                    print(f"merge: {path} tuned {name} differently (or at other shot counts): its results "
+                          f"replace the earlier file's", file=sys.stderr)
                 merged["datasets"][name] = d  # a later file wins
         merged["settings"] = dict(merged["settings"], arms=[a for a in ALL_ARMS if any(
             a in cell["per_seed"] for d in merged["datasets"].values() for cell in d["shots"].values())])

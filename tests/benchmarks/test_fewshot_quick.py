@@ -205,28 +205,32 @@ def test_fewshot_quick(tmp_path):
 def test_tuning_from_reuses_choices_and_reproduces_the_arms(tmp_path):
     first, second = tmp_path / "first", tmp_path / "second"
     base = [sys.executable, str(SCRIPT), "--quick", "--datasets", "lfw-faces"]
-    proc = subprocess.run([*base, "--arms", "classical,classical+rcg", "--shots", "1,2", "--out-dir", str(first)],
+    # arm (h) alone (without (c)) still gets the RCG tuning it needs
+    proc = subprocess.run([*base, "--arms", "classical,classical+rcg-on", "--shots", "1,2", "--out-dir", str(first)],
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     tuned = first / "fewshot_quick.json"
-    proc = subprocess.run([*base, "--arms", "classical,classical+rcg,classical+rcg-default", "--out-dir", str(second),
+    proc = subprocess.run([*base, "--arms", "classical,classical+rcg-on,classical+rcg-default", "--out-dir", str(second),
                            "--tuning-from", str(tuned)], capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     a = json.loads(tuned.read_text())["datasets"]["lfw-faces"]
     b = json.loads((second / "fewshot_quick.json").read_text())["datasets"]["lfw-faces"]
     assert b["tuning"] == {"1": a["tuning"]["1"]} and b["tuning_from"] == str(tuned)
-    for arm in ("classical", "classical+rcg"):  # same seeds, same choices: the same accuracies
+    for arm in ("classical", "classical+rcg-on"):  # same seeds, same choices: the same accuracies
         assert b["shots"]["1"]["per_seed"][arm] == a["shots"]["1"]["per_seed"][arm]
     proc = subprocess.run([*base, "--steps", "9", "--out-dir", str(tmp_path / "bad"), "--tuning-from", str(tuned)],
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode != 0 and "tuned with steps=8" in proc.stderr
+    proc = subprocess.run([*base, "--num-iter", "3", "--out-dir", str(tmp_path / "bad"), "--tuning-from", str(tuned)],
+                          capture_output=True, text=True, timeout=600)  # another generator: not the same choices
+    assert proc.returncode != 0 and "tuned with num_iter=" in proc.stderr
 
     # merge: a later run under the same tuning adds its arms to the dataset (paired differences recomputed)
     proc = subprocess.run([sys.executable, str(SCRIPT), "merge", str(tuned), str(second / "fewshot_quick.json"),
                            "--out-dir", str(tmp_path / "merged")], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     merged = json.loads((tmp_path / "merged" / "fewshot_quick.json").read_text())
-    assert merged["settings"]["arms"] == ["classical", "classical+rcg", "classical+rcg-default"]
+    assert merged["settings"]["arms"] == ["classical", "classical+rcg-default", "classical+rcg-on"]
     cell = merged["datasets"]["lfw-faces"]["shots"]["1"]
     assert cell["per_seed"]["classical+rcg-default"] == b["shots"]["1"]["per_seed"]["classical+rcg-default"]
     assert cell["paired"]["classical+rcg-default"] == b["shots"]["1"]["paired"]["classical+rcg-default"]
@@ -234,3 +238,16 @@ def test_tuning_from_reuses_choices_and_reproduces_the_arms(tmp_path):
     md = (tmp_path / "merged" / "fewshot_quick.md").read_text()
     row = next(line for line in md.splitlines() if line.startswith("| (d) (b) + RCG cache, library defaults |"))
     assert row.endswith("| - |")  # no 2-shot result for the added arm
+
+
+def test_merge_refuses_runs_with_different_seed_counts():
+    fs = load_script()
+
+    def result(per_seed):
+        return {"shots": {"1": {"per_seed": per_seed}}}
+
+    a = result({"classical": [0.5, 0.6, 0.7]})
+    combined = fs.combine_arms(a, result({"classical": [0.5, 0.6, 0.7], "classical+rcg-default": [0.6, 0.6, 0.8]}))
+    assert combined["shots"]["1"]["paired"]["classical+rcg-default"]["mean"] == pytest.approx(0.2 / 3)
+    with pytest.raises(SystemExit, match="different seed counts"):
+        fs.combine_arms(a, result({"classical+rcg-default": [0.6, 0.6]}))  # no shared arm, still refused
