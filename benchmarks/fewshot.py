@@ -629,7 +629,7 @@ def tuning_from_report(path: str, name: str, shots_list: list[int], s: Settings)
         if old.get(key) != asdict(s)[key]:
             raise SystemExit(f"--tuning-from {path}: it was tuned with {key}={old.get(key)!r}, this run has "
                              f"{asdict(s)[key]!r}")
-    old_candidates = max([*old["grid_variants"], old["default_variants"]])
+    old_candidates = Settings(**old).candidates
     if old_candidates != s.candidates:  # the filtered arms pick from this many candidates per image
         raise SystemExit(f"--tuning-from {path}: it drew {old_candidates} candidates per image, this run "
                          f"{s.candidates} (--default-variants)")
