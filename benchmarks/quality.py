@@ -140,6 +140,7 @@ def main(argv=None) -> int:
     ap.add_argument("--num-iter", type=int, default=None)
     ap.add_argument("--rdm-steps", type=int, default=None)
     ap.add_argument("--cfg", type=float, default=None)
+    ap.add_argument("--temperature", type=float, default=None, help="MAGE re-masking temperature (default: the model's)")
     ap.add_argument("--repaint-fraction", type=float, default=None,
                     help="share of the source's tokens MAGE repaints, in [0.5, 1] (default: the model's)")
     ap.add_argument("--surface", action="store_true",
@@ -181,7 +182,7 @@ def main(argv=None) -> int:
         pool_idx, test_idx = pool_idx[::4], test_idx[::8]
     x_pool, y_pool = tensors(pool_idx), np.array([source.labels[i] for i in pool_idx])
     x_test, y_test = tensors(test_idx), np.array([source.labels[i] for i in test_idx])
-    settings = dict(num_iter=args.num_iter, rdm_steps=args.rdm_steps, cfg=args.cfg,
+    settings = dict(num_iter=args.num_iter, rdm_steps=args.rdm_steps, cfg=args.cfg, temperature=args.temperature,
                     repaint_fraction=args.repaint_fraction)
     levels = [float(v) for v in args.noise_levels.split(",")]
     rng = np.random.default_rng(args.seed)
