@@ -119,7 +119,7 @@ def fidelity_decomposition(pipe, clf, x_pool, y_pool, x_test, y_test, settings: 
     nearest = (f_test @ f_pool.t()).argmax(-1).numpy()
     out["encoder_nearest_neighbour"] = float((y_pool[nearest] == y_test).mean())
     g = torch.Generator().manual_seed(seed)
-    own = {k: v for k, v in settings.items() if k in ("cfg", "temperature", "num_iter")}
+    own = {k: v for k, v in settings.items() if k in ("cfg", "temperature", "num_iter", "token_temperature")}
     rendered = batched(lambda b: pipe.render(pipe.encode(b), generator=g, repaint_fraction=1.0, **own), x_test, batch)
     out["mage_from_own_representation"] = float((predict(pipe._resize(rendered, tuple(x_test.shape[-2:])))
                                                  == y_test).mean())
@@ -141,6 +141,8 @@ def main(argv=None) -> int:
     ap.add_argument("--rdm-steps", type=int, default=None)
     ap.add_argument("--cfg", type=float, default=None)
     ap.add_argument("--temperature", type=float, default=None, help="MAGE re-masking temperature (default: the model's)")
+    ap.add_argument("--token-temperature", type=float, default=None,
+                    help="temperature of MAGE's draw of each code, > 0 (default: the model's; 1 is the official)")
     ap.add_argument("--repaint-fraction", type=float, default=None,
                     help="share of the source's tokens MAGE repaints, in [0.5, 1] (default: the model's)")
     ap.add_argument("--surface", action="store_true",
@@ -183,7 +185,7 @@ def main(argv=None) -> int:
     x_pool, y_pool = tensors(pool_idx), np.array([source.labels[i] for i in pool_idx])
     x_test, y_test = tensors(test_idx), np.array([source.labels[i] for i in test_idx])
     settings = dict(num_iter=args.num_iter, rdm_steps=args.rdm_steps, cfg=args.cfg, temperature=args.temperature,
-                    repaint_fraction=args.repaint_fraction)
+                    repaint_fraction=args.repaint_fraction, token_temperature=args.token_temperature)
     levels = [float(v) for v in args.noise_levels.split(",")]
     rng = np.random.default_rng(args.seed)
     chosen = np.sort(rng.choice(len(x_test), size=min(args.sources, len(x_test)), replace=False))

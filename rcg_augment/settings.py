@@ -32,6 +32,8 @@ import numpy as np
 DEFAULT_NOISE_LEVEL = 0.3
 # The value a cache or a call records when the source is fully repainted (the official decoding).
 FULL_REPAINT = 1.0
+# MAGE's codes sampled from its logits as they are (the official decoding).
+OFFICIAL_TOKEN_TEMPERATURE = 1.0
 # Seeds drawn for a call's torch.Generator (a transform's per-call seed, a generator moved to
 # another device) are in [0, SEED_BOUND).
 SEED_BOUND = 2**62
@@ -39,7 +41,7 @@ SEED_BOUND = 2**62
 # done before it: a model's fingerprint and a synthetic cache's identity leave such a setting out
 # while it holds that value (None in a model's saved defaults), so models and caches made before
 # it keep their identity.
-ADDED_LATER: dict[str, Any] = {"repaint_fraction": FULL_REPAINT}
+ADDED_LATER: dict[str, Any] = {"repaint_fraction": FULL_REPAINT, "token_temperature": OFFICIAL_TOKEN_TEMPERATURE}
 # Draws per variant when the label filter re-draws rejected variants (rcg_augment.label_filter).
 DEFAULT_MAX_ATTEMPTS = 4
 
@@ -68,6 +70,7 @@ _CHECKS = {
     "eta": (_float, lambda v: v >= 0, ">= 0"),
     "repaint_fraction": (_float, lambda v: 0.0 < v <= 1.0,
                          "in (0, 1] (at least the model's mask_ratio_min, 0.5 for the bundled models)"),
+    "token_temperature": (_float, lambda v: v > 0, "> 0"),
 }
 
 
@@ -89,6 +92,10 @@ class GenerationSettings:
             decoding); 0.5 keeps a random half of the source's VQ tokens and paints the rest
             from the representation, so the variant stays closer to the source. It acts on
             ``reconstruct`` only (``generate`` has no source).
+        token_temperature: temperature of the categorical draw of each code from MAGE's logits,
+            > 0. 1 is the official sampling; below 1 the likelier codes win more often, so a
+            variant follows its representation (its class) more closely and differs less from
+            another variant of the same source; above 1, the reverse.
     """
 
     cfg: float | None = None
@@ -97,6 +104,7 @@ class GenerationSettings:
     rdm_steps: int | None = None
     eta: float | None = None
     repaint_fraction: float | None = None
+    token_temperature: float | None = None
 
     def __post_init__(self) -> None:
         for name, (convert, ok, allowed) in _CHECKS.items():
@@ -139,6 +147,7 @@ class GenerationSettings:
         model_defaults = {
             "cfg": 0.0, "temperature": config.mage.temperature, "num_iter": config.mage.num_iter,
             "rdm_steps": config.rdm.sampling_steps, "eta": config.rdm.eta, "repaint_fraction": FULL_REPAINT,
+            "token_temperature": OFFICIAL_TOKEN_TEMPERATURE,
         }
         values = {}
         for name, fallback in model_defaults.items():
@@ -161,4 +170,4 @@ class GenerationSettings:
         return self
 
 
-__all__ = ["ADDED_LATER", "DEFAULT_MAX_ATTEMPTS", "DEFAULT_NOISE_LEVEL", "FULL_REPAINT", "SEED_BOUND", "GenerationSettings"]
+__all__ = ["ADDED_LATER", "DEFAULT_MAX_ATTEMPTS", "DEFAULT_NOISE_LEVEL", "FULL_REPAINT", "OFFICIAL_TOKEN_TEMPERATURE", "SEED_BOUND", "GenerationSettings"]

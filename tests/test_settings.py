@@ -24,6 +24,7 @@ def pipe():
     ({"eta": "1"}, TypeError, "`eta` must be a number"),
     ({"repaint_fraction": 0.0}, ValueError, r"`repaint_fraction` must be in \(0, 1\]"),
     ({"repaint_fraction": 1.5}, ValueError, "repaint_fraction"),
+    ({"token_temperature": 0.0}, ValueError, "`token_temperature` must be > 0"),
 ])
 def test_invalid_values_name_the_setting(kwargs, error, match):
     with pytest.raises(error, match=match):
@@ -34,7 +35,8 @@ def test_resolve_fills_from_the_model(pipe):
     s = GenerationSettings().resolve(pipe.config)
     m, r = pipe.config.mage, pipe.config.rdm
     assert s == GenerationSettings(cfg=0.0, temperature=m.temperature, num_iter=m.num_iter,
-                                   rdm_steps=r.sampling_steps, eta=r.eta, repaint_fraction=1.0)
+                                   rdm_steps=r.sampling_steps, eta=r.eta, repaint_fraction=1.0,
+                                   token_temperature=1.0)
     assert GenerationSettings(num_iter=3).resolve(pipe.config).num_iter == 3
     with pytest.raises(ValueError, match=r"`rdm_steps` must be in \[1, 1000\]"):
         GenerationSettings(rdm_steps=1001).resolve(pipe.config)
@@ -95,8 +97,26 @@ def test_anchored_reconstruct_is_seeded_and_keeps_source_tokens(pipe):
         pipe.reconstruct(x, 0.3, repaint_fraction=0.3)
 
 
+def test_token_temperature_one_is_the_official_sampling_and_lower_sharpens_it(pipe):
+    x = torch.rand(3, 1, 20, 20, generator=torch.Generator().manual_seed(0))
+
+    def run(seed, **kw):
+        return pipe.reconstruct(x, 0.3, generator=torch.Generator().manual_seed(seed), **FAST, **kw)
+
+    torch.testing.assert_close(run(1, token_temperature=1.0), run(1), rtol=0, atol=0)
+    assert not torch.equal(run(1, token_temperature=0.5), run(1))
+    # near 0 every code is the arg-max and, without re-masking noise, rendering is deterministic:
+    # two seeds give the same image from the same representation
+    rep = pipe.encode(x)
+    a, b = (pipe.render(rep, generator=torch.Generator().manual_seed(s), temperature=0.0, token_temperature=1e-4,
+                        num_iter=2) for s in (1, 2))
+    torch.testing.assert_close(a, b, rtol=0, atol=0)
+    c, d = (pipe.render(rep, generator=torch.Generator().manual_seed(s), temperature=0.0, num_iter=2) for s in (1, 2))
+    assert not torch.equal(c, d)
+
+
 def test_transforms_pass_the_knob(pipe):
-    aug = RCGAugment(0.3, model=pipe, seed=0, repaint_fraction=0.5, **FAST)
+    aug = RCGAugment(0.3, model=pipe, seed=0, repaint_fraction=0.5, token_temperature=0.8, **FAST)
     assert "repaint_fraction=0.5" in repr(aug)
     x = torch.rand(2, 1, 16, 16, generator=torch.Generator().manual_seed(0))
     calls = []
@@ -111,9 +131,10 @@ def test_transforms_pass_the_knob(pipe):
         aug(x)
     finally:
         del pipe.reconstruct
-    assert calls and calls[0]["repaint_fraction"] == 0.5
+    assert calls and calls[0]["repaint_fraction"] == 0.5 and calls[0]["token_temperature"] == 0.8
     with pytest.raises(ValueError, match="repaint_fraction"):
         RCGAugment(0.3, model=pipe, repaint_fraction=2.0)
     from rcg_augment.albumentations import RCGAugment as ARCGAugment
 
     assert ARCGAugment(0.3, model=pipe, repaint_fraction=0.6).repaint_fraction == 0.6
+    assert ARCGAugment(0.3, model=pipe, token_temperature=0.7)._settings.token_temperature == 0.7

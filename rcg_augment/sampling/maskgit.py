@@ -57,6 +57,7 @@ def maskgit_decode(
     cfg: float = 0.0,
     generator: torch.Generator | None = None,
     start_tokens: torch.Tensor | None = None,
+    token_temperature: float = 1.0,
 ) -> torch.Tensor:
     """Generate a (B, L) grid of code indices conditioned on representations ``rep`` (B, rep_dim).
 
@@ -66,14 +67,18 @@ def maskgit_decode(
         num_iter: decoding steps, >= 1.
         temperature: the re-masking ("choice") temperature, >= 0: Gumbel noise of this scale,
             annealed linearly to 0, is added to the log-confidence that picks what to re-mask.
-            Tokens themselves are sampled at temperature 1.
+            Codes themselves are sampled at ``token_temperature``.
         cfg: guidance scale, >= 0; 0 skips the unconditional branch.
         generator: for reproducible sampling; must live on ``rep``'s device.
         start_tokens: (B, L) grid to start from, ``mask_token_id`` where MAGE paints (see
             :func:`keep_source_tokens`); None starts fully masked. The cosine schedule runs over
             each row's masked count, so a fully masked start decodes exactly as None does.
+        token_temperature: > 0; the (guided) logits are divided by it before each code is drawn
+            and before the confidences that pick what to re-mask; 1 (the official sampling)
+            leaves them as they are.
     """
-    GenerationSettings(num_iter=num_iter, temperature=temperature, cfg=cfg)  # the one check of their ranges
+    GenerationSettings(num_iter=num_iter, temperature=temperature, cfg=cfg,
+                       token_temperature=token_temperature)  # the one check of their ranges
     c = model.config
     bsz, length, device = rep.shape[0], c.num_tokens, rep.device
     guided = cfg > 0
@@ -95,7 +100,9 @@ def maskgit_decode(
         if guided:
             cond, uncond = logits.chunk(2)
             logits = apply_guidance(cond, uncond, guidance_scale(step, num_iter, cfg))
-        # Categorical sampling at temperature 1 by the Gumbel-max trick (seeded).
+        if token_temperature != 1.0:
+            logits = logits / token_temperature
+        # Categorical sampling by the Gumbel-max trick (seeded).
         sampled = (logits + gumbel_noise(logits.shape, generator=generator, device=device)).argmax(-1)
         sampled = torch.where(unknown, sampled, tokens)
         if step == num_iter - 1:

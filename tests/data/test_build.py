@@ -475,3 +475,19 @@ def test_repaint_fraction_is_part_of_the_identity(image_folder, tmp_path, tiny_p
     assert set(record_hashes(anchored)).isdisjoint(record_hashes(default))
     with pytest.raises(StaleCacheError, match="repaint_fraction"):
         build(image_folder, anchored, tiny_pipeline, repaint_fraction=0.7)
+
+
+def test_token_temperature_is_part_of_the_identity(image_folder, tmp_path, tiny_pipeline):
+    default, official = tmp_path / "default", tmp_path / "official"
+    build(image_folder, default, tiny_pipeline)
+    build(image_folder, official, tiny_pipeline, token_temperature=1.0)
+    # 1.0 (the official sampling) is the default: same records, no key (older caches stay valid)
+    assert record_hashes(official) == record_hashes(default)
+    assert "token_temperature" not in json.loads((official / "manifest.json").read_text())["generation"]
+    sharp = tmp_path / "sharp"
+    build(image_folder, sharp, tiny_pipeline, token_temperature=0.5)
+    gen = json.loads((sharp / "manifest.json").read_text())["generation"]
+    assert gen["token_temperature"] == 0.5 and gen["requested"]["token_temperature"] == 0.5
+    assert set(record_hashes(sharp)).isdisjoint(record_hashes(default))
+    with pytest.raises(StaleCacheError, match="token_temperature"):
+        build(image_folder, sharp, tiny_pipeline, token_temperature=0.7)
