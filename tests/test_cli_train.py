@@ -87,20 +87,45 @@ def test_recipe_continuation_runs_after_its_stage_and_resumes_as_finished(micro_
     assert main(args) == 0
     printed = capsys.readouterr().out
     assert "mage      done: step 2/2" in printed and "mage-continued-1 done: step 2/2" in printed
-    assert "mage-continued-2 done: step 6/6" in printed
+    assert "mage-continued-2 done: step 6/6" in printed and "mage-continued-3 done: step 5/5" in printed
     records = RCGPipeline.from_pretrained(out).config.metadata["training"]
-    first, cont, cont2 = records[-3], records[-2], records[-1]
+    first, cont, cont2, cont3 = records[-4], records[-3], records[-2], records[-1]
+    assert cont3["run_name"] == "mage-continued-3" and cont3["continuation"] == 3 and cont3["seed"] == 3
     assert first["stage"] == cont["stage"] == "mage"
     assert "run_name" not in first and first["seed"] == 0
     assert cont["run_name"] == "mage-continued-1" and cont["continuation"] == 1 and cont["seed"] == 1
     assert cont["lr"] == pytest.approx(2 * first["lr"])  # blr 3e-3 after 1.5e-3
     assert cont2["run_name"] == "mage-continued-2" and cont2["continuation"] == 2 and cont2["seed"] == 2
-    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["mage", "mage-continued-1", "mage-continued-2"]
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == [
+        "mage", "mage-continued-1", "mage-continued-2", "mage-continued-3"]
     weights = (out / "model.safetensors").read_bytes()
     assert main(args) == 0
     printed = capsys.readouterr().out
-    assert printed.count("already finished") == 3
+    assert printed.count("already finished") == 4
     assert (out / "model.safetensors").read_bytes() == weights
+
+
+def test_recipe_from_a_continuation_starts_at_a_finished_model(micro_dir, tmp_path, capsys):
+    """--continuation K trains only the recipe's K-th continuation (and later ones) on top of --init,
+    e.g. the bundled digits-tiny; it resumes as finished, and bad uses are refused."""
+    out = tmp_path / "c3"
+    args = ["train", "mage", "--recipe", "digits-tiny", "--init", str(micro_dir), "--continuation", "3",
+            "--out", str(out), "--steps-scale", "0.002", "--batch-size", "4", "--no-progress"]
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    assert "mage-continued-3 done: step 5/5" in printed and "continued-2" not in printed
+    pipe = RCGPipeline.from_pretrained(out)
+    (record,) = pipe.config.metadata["training"]  # the micro start had no training records
+    assert record["continuation"] == 3 and record["seed"] == 3 and record["init"] == str(micro_dir)
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["mage-continued-3"]
+    assert main(args) == 0 and "already finished" in capsys.readouterr().out
+    assert main([*args[:7], "9", *args[8:]]) == 1
+    assert "`from_continuation` must be in [1, 3]" in capsys.readouterr().err
+    assert main(["train", "mage", "--recipe", "digits-tiny", "--continuation", "3", "--out",
+                 str(tmp_path / "none"), "--no-progress"]) == 1
+    assert "needs `init`" in capsys.readouterr().err
+    assert main(["train", "mage", "--data", "digits", "--continuation", "3", "--out", str(tmp_path / "x")]) == 1
+    assert "add --recipe" in capsys.readouterr().err
 
 
 def test_run_name_must_be_a_plain_folder_name():

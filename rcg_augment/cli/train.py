@@ -22,6 +22,7 @@ when started again with the same arguments (checkpoints in OUT/checkpoints/<stag
 examples:
   rcg-augment train all --recipe digits-tiny --out runs/digits-tiny
   rcg-augment train all --recipe digits-tiny --out runs/quick --steps-scale 0.05
+  rcg-augment train mage --recipe digits-tiny --init digits-tiny --continuation 3 --out runs/c3
   rcg-augment train tokenizer --data path/to/images --out runs/mine --steps 2000 --batch-size 32
   rcg-augment train rdm --data digits --out runs/mine --set hflip=false --blr 1e-5
   accelerate launch --multi_gpu --num_processes 2 -m rcg_augment train mage --data DIR --out OUT
@@ -182,7 +183,10 @@ def run_stages(args: argparse.Namespace, stages: list[str], *, init) -> dict:
             raise ValueError("--classes cannot be combined with --recipe (the recipe names its data); drop one")
         return api.run_recipe(args.recipe, args.out, data=data, init=init, stages=stages,
                               steps_scale=args.steps_scale, per_stage=per_stage, max_time=args.max_time,
-                              reinit=stages if getattr(args, "reinit", False) else (), **common)
+                              reinit=stages if getattr(args, "reinit", False) else (),
+                              from_continuation=getattr(args, "continuation", None), **common)
+    if getattr(args, "continuation", None) is not None:
+        raise ValueError("--continuation names a run of a recipe; add --recipe")
     if data is None:
         raise ValueError("--data is required without --recipe (an image folder, a dataset folder, a Hub dataset "
                          "id, 'digits' or 'lfw-faces')")
@@ -223,6 +227,9 @@ def register(subparsers) -> None:
                         help="with --init: start the trained stages' networks afresh (the recipe's architecture "
                         "overrides applied) and keep --init's other networks, e.g. retrain MAGE on a trained "
                         "encoder and tokenizer")
+    parser.add_argument("--continuation", type=int, metavar="K",
+                        help="with --recipe: run the recipe's continuations from the K-th on, starting from --init "
+                             "(a model that finished the runs before it, e.g. the bundled digits-tiny)")
     parser.add_argument("--preset", default="tiny", choices=list(PIPELINE_PRESETS),
                         help="architecture for a new pipeline (default tiny): " + "; ".join(
                             f"{p.name}: {p.description}" for p in PIPELINE_PRESETS.values()))

@@ -318,7 +318,7 @@ def _benchmark_pool(spec: str, classes: Sequence[str] | None) -> tuple[ImageSour
 def run_recipe(
     recipe: str | Recipe, out_dir: str | os.PathLike, *, data=None, init=None, stages: Sequence[str] | None = None,
     steps_scale: float = 1.0, per_stage: Mapping[str, Mapping] | None = None, max_time: float | None = None,
-    reinit: Sequence[str] = (), **overrides,
+    reinit: Sequence[str] = (), from_continuation: int | None = None, **overrides,
 ) -> dict[str, TrainResult]:
     """Run a named recipe (see :data:`RECIPES`), optionally on other data / a subset of stages.
 
@@ -326,9 +326,19 @@ def run_recipe(
     ``overrides`` (any TrainConfig field or stage option) apply to every stage on top of the
     recipe, ``per_stage`` to one stage. ``reinit`` (with ``init``): start these stages' networks
     afresh with the recipe's ``pipeline`` config overrides, e.g. to retrain the recipe's MAGE on
-    top of another run's encoder, tokenizer and RDM.
+    top of another run's encoder, tokenizer and RDM. ``from_continuation=k`` skips the stages and
+    the continuations before the k-th: ``init`` (or ``out_dir``'s pipeline) must be a model that
+    has finished them, e.g. the bundled ``digits-tiny`` to rerun its latest continuation.
     """
     r = get_recipe(recipe) if isinstance(recipe, str) else recipe
+    if from_continuation is not None:
+        if not 1 <= from_continuation <= len(r.continuation):
+            raise ValueError(f"recipe {r.name!r} has {len(r.continuation)} continuation(s); "
+                             f"`from_continuation` must be in [1, {len(r.continuation)}], got {from_continuation}")
+        if init is None and not (Path(out_dir) / CONFIG_NAME).is_file():
+            raise ValueError("`from_continuation` needs `init`: a model that finished the recipe's earlier runs")
+        if reinit:
+            raise ValueError("`reinit` cannot be combined with `from_continuation`")
     if steps_scale <= 0:
         raise ValueError(f"`steps_scale` must be > 0, got {steps_scale}")
     chosen = list(stages) if stages else list(r.stages)
@@ -355,26 +365,32 @@ def run_recipe(
         data = r.data
     common = dict(data=data, stages=chosen, classes=classes, per_stage=per, max_time=max_time, metadata=metadata)
     t0 = time.monotonic()
-    if r.init is not None:
+    if from_continuation is not None:
+        results: dict[str, TrainResult] = {}
+    elif r.init is not None:
         results = finetune(r.init if init is None else init, out_dir=out_dir, **common)
     else:
         results = train_all(out_dir=out_dir, init=init, preset=r.preset, in_channels=r.in_channels,
                             pipeline_overrides=r.pipeline, reinit=reinit, **common)
-    if not all(res.completed for res in results.values()) or len(results) < len(chosen):
+    if from_continuation is None and (not all(res.completed for res in results.values()) or len(results) < len(chosen)):
         return results  # stopped early (time budget): a rerun finishes the stages, then continues
     for k, (name, extra) in enumerate(r.continuation, start=1):
-        if name not in chosen:
+        if name not in chosen or k < (from_continuation or 1):
             continue
         key = f"{name}-continued-{k}"
         settings = {**settings_for(name, extra), "run_name": key}
+        start, described = None, None
+        if k == from_continuation and not (Path(out_dir) / CONFIG_NAME).is_file():
+            start, described = resolve_init(init, Path(out_dir), None)
         if max_time is not None:
             left = max_time - (time.monotonic() - t0)
             if left <= 0:
                 logger.warning("time budget spent before continuation %d (%s); run again to continue", k, name)
                 break
             settings["max_time"] = min(left, settings.get("max_time") or left)
-        results[key] = train_stage(name, data, out_dir, init=None, classes=classes,
-                                   metadata={**metadata, "continuation": k}, **settings)
+        results[key] = train_stage(name, data, out_dir, init=start, classes=classes,
+                                   metadata={**metadata, "continuation": k,
+                                             **({"init": described} if described else {})}, **settings)
         if not results[key].completed:
             break
     return results
