@@ -83,12 +83,11 @@ DIGITS_TINY = Recipe(
         # README's fidelity table has the result.
         ("mage", {"steps": 3000, "blr": 3e-3, "ema_decay": 0.999, "crop_scale": (0.8, 1.0), "seed": 2,
                   "warmup_steps": 50}),
-        # Still 0.89 from the own representation: 2,500 more steps (run from the previous bundle,
-        # `rcg-augment train mage --recipe digits-tiny --init <it> --continuation 3`) gave 0.908
-        # (num_iter 4, two seeds, all 539 held-out digits), 0.908 already after 1,000 of them: the
-        # curve has flattened. The same run with the representation also added to every token
-        # (zero-initialised projections into the encoder and decoder inputs) gave 0.914 and 0.905
-        # at noise 0.3 against 0.908: no measurable gain, so not kept.
+        # Still 0.89 from the own representation: 2,500 more steps (run on the previous bundle with
+        # `rcg-augment train mage --recipe digits-tiny --init <it> --continuation 3`) took it to
+        # 0.917, most of that in the first 1,000 steps: the curve is flattening. The same run with
+        # the representation also added to every token (zero-initialised projections into the
+        # encoder and decoder inputs) gained nothing measurable over it, so it is not kept.
         ("mage", {"steps": 2500, "blr": 3e-3, "ema_decay": 0.999, "crop_scale": (0.8, 1.0), "seed": 3,
                   "warmup_steps": 50}),
     ),
