@@ -460,34 +460,21 @@ def test_label_filter_needs_two_classes(make_folder, tmp_path, tiny_pipeline):
         build(folder, tmp_path / "cache", tiny_pipeline, label_filter=True)
 
 
-def test_repaint_fraction_is_part_of_the_identity(image_folder, tmp_path, tiny_pipeline):
-    full, default = tmp_path / "full", tmp_path / "default"
+@pytest.mark.parametrize("name, changed, other", [("repaint_fraction", 0.6, 0.7), ("token_temperature", 0.5, 0.7)])
+def test_settings_added_later_are_part_of_the_identity(image_folder, tmp_path, tiny_pipeline, name, changed, other):
+    """At 1.0 (what was done before the setting existed) a cache has the same identity, records
+    and manifest (no key) as one built without it, so older caches stay valid; any other value
+    is a different cache."""
+    explicit, default = tmp_path / "explicit", tmp_path / "default"
     build(image_folder, default, tiny_pipeline)
-    build(image_folder, full, tiny_pipeline, repaint_fraction=1.0)
-    # 1.0 is the default: same identity, same records, and no repaint key (older caches stay valid)
-    assert record_hashes(full) == record_hashes(default)
-    assert "repaint_fraction" not in json.loads((full / "manifest.json").read_text())["generation"]
-    build(image_folder, full, tiny_pipeline)  # resumes: nothing differs
-    anchored = tmp_path / "anchored"
-    build(image_folder, anchored, tiny_pipeline, repaint_fraction=0.6)
-    gen = json.loads((anchored / "manifest.json").read_text())["generation"]
-    assert gen["repaint_fraction"] == 0.6 and gen["requested"]["repaint_fraction"] == 0.6
-    assert set(record_hashes(anchored)).isdisjoint(record_hashes(default))
-    with pytest.raises(StaleCacheError, match="repaint_fraction"):
-        build(image_folder, anchored, tiny_pipeline, repaint_fraction=0.7)
-
-
-def test_token_temperature_is_part_of_the_identity(image_folder, tmp_path, tiny_pipeline):
-    default, official = tmp_path / "default", tmp_path / "official"
-    build(image_folder, default, tiny_pipeline)
-    build(image_folder, official, tiny_pipeline, token_temperature=1.0)
-    # 1.0 (the official sampling) is the default: same records, no key (older caches stay valid)
-    assert record_hashes(official) == record_hashes(default)
-    assert "token_temperature" not in json.loads((official / "manifest.json").read_text())["generation"]
-    sharp = tmp_path / "sharp"
-    build(image_folder, sharp, tiny_pipeline, token_temperature=0.5)
-    gen = json.loads((sharp / "manifest.json").read_text())["generation"]
-    assert gen["token_temperature"] == 0.5 and gen["requested"]["token_temperature"] == 0.5
-    assert set(record_hashes(sharp)).isdisjoint(record_hashes(default))
-    with pytest.raises(StaleCacheError, match="token_temperature"):
-        build(image_folder, sharp, tiny_pipeline, token_temperature=0.7)
+    build(image_folder, explicit, tiny_pipeline, **{name: 1.0})
+    assert record_hashes(explicit) == record_hashes(default)
+    assert name not in json.loads((explicit / "manifest.json").read_text())["generation"]
+    build(image_folder, explicit, tiny_pipeline)  # resumes: nothing differs
+    moved = tmp_path / "moved"
+    build(image_folder, moved, tiny_pipeline, **{name: changed})
+    gen = json.loads((moved / "manifest.json").read_text())["generation"]
+    assert gen[name] == changed and gen["requested"][name] == changed
+    assert set(record_hashes(moved)).isdisjoint(record_hashes(default))
+    with pytest.raises(StaleCacheError, match=name):
+        build(image_folder, moved, tiny_pipeline, **{name: other})
