@@ -36,7 +36,11 @@ def main() -> None:
     args = ap.parse_args()
     pipe = RCGPipeline.from_pretrained(args.folder)
     meta = pipe.config.metadata
-    held_out = {r.get("excluded_test_indices_sha256") for r in meta.get("training", [])} - {None}
+    # The held-out split of the data the model was last trained on (a fine-tuned model's records
+    # start with its base model's, whose split belongs to other data).
+    records = meta.get("training", [])
+    last_data = records[-1].get("data") if records else None
+    held_out = {r.get("excluded_test_indices_sha256") for r in records if r.get("data") == last_data} - {None}
     if len(held_out) > 1:
         raise SystemExit(f"the training records name several held-out splits: {sorted(held_out)}")
     meta.update({"name": args.name, "source": args.source, "trained_on": args.trained_on, "license": args.license})
