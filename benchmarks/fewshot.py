@@ -155,6 +155,8 @@ class Settings:
     device: str
     models: dict[str, str] = field(default_factory=dict)
     tuning_from: str | None = None
+    # after the fields every earlier report has, so Settings(**old_report["settings"]) still loads
+    token_temperature: float | None = None
 
     def grid(self) -> list[RCGConfig]:
         """The declared RCG grid, p = 0 first: on a tie the earlier (simpler, cheaper) point wins."""
@@ -448,7 +450,8 @@ def generate_candidates(pipe: RCGPipeline, images: torch.Tensor, pair: tuple[flo
     g = torch.Generator().manual_seed(seed)
     t = time.perf_counter()
     out = [pipe.reconstruct(x[i:i + 128].to(s.device), noise, generator=g, cfg=s.cfg, temperature=s.temperature,
-                            num_iter=s.num_iter, rdm_steps=s.rdm_steps, repaint_fraction=repaint).cpu()
+                            num_iter=s.num_iter, rdm_steps=s.rdm_steps, repaint_fraction=repaint,
+                            token_temperature=s.token_temperature).cpu()
            for i in range(0, len(x), 128)]
     gen = time.perf_counter() - t
     variants = (torch.cat(out).clamp(0, 1) * 255).round() / 255
@@ -520,7 +523,8 @@ class VariantBank:
 
 def default_config(pipe: RCGPipeline, s: Settings) -> RCGConfig:
     """The library's defaults: noise 0.3, the model's repaint_fraction, no filter."""
-    g = pipe.resolve_settings(cfg=s.cfg, temperature=s.temperature, num_iter=s.num_iter, rdm_steps=s.rdm_steps)
+    g = pipe.resolve_settings(cfg=s.cfg, temperature=s.temperature, num_iter=s.num_iter, rdm_steps=s.rdm_steps,
+                              token_temperature=s.token_temperature)
     return RCGConfig(s.default_p, DEFAULT_NOISE_LEVEL, g.repaint_fraction, False, s.default_variants)
 
 
@@ -625,7 +629,7 @@ def tuning_from_report(path: str, name: str, shots_list: list[int], s: Settings)
     old = report["settings"]
     for key in ("steps", "batch_size", "lr", "width", "tune_seeds", "val_size", "classical_candidates", "probe_cs",
                 "grid_p", "grid_noise", "grid_repaint", "grid_filter", "grid_variants",
-                "num_iter", "rdm_steps", "cfg", "temperature", "models"):  # and the same generator
+                "num_iter", "rdm_steps", "cfg", "temperature", "token_temperature", "models"):  # and the same generator
         if old.get(key) != asdict(s)[key]:
             raise SystemExit(f"--tuning-from {path}: it was tuned with {key}={old.get(key)!r}, this run has "
                              f"{asdict(s)[key]!r}")
@@ -677,7 +681,7 @@ def run_dataset(d: DatasetData, pipe: RCGPipeline, s: Settings, log) -> dict:
     result = {"shots": {}, "test_size": len(d.test), "pool_size": len(d.pool),
               # the generation settings every RCG arm ran with (the model's defaults filled in)
               "generation": pipe.resolve_settings(cfg=s.cfg, temperature=s.temperature, num_iter=s.num_iter,
-                                                  rdm_steps=s.rdm_steps).to_dict(),
+                                                  rdm_steps=s.rdm_steps, token_temperature=s.token_temperature).to_dict(),
               "default_rcg": asdict(defaults), "grid_points": len(s.grid())}
     t0 = time.perf_counter()
     if s.tuning_from:
@@ -727,7 +731,8 @@ def run_dataset(d: DatasetData, pipe: RCGPipeline, s: Settings, log) -> dict:
                     config = best_with_rcg(tuned, s)
                     online = RCGAugment(config.noise_level, model=pipe, p=config.p, cfg=s.cfg,
                                         temperature=s.temperature, num_iter=s.num_iter, rdm_steps=s.rdm_steps,
-                                        repaint_fraction=config.repaint_fraction, seed=rs)
+                                        repaint_fraction=config.repaint_fraction,
+                                        token_temperature=s.token_temperature, seed=rs)
                     acc = accuracy(train_cnn(x, y, len(d.classes), ImageArm(tuned["classical"], online=online), s, rs),
                                    x_test, y_test, s.device)
                 elif arm == "probe":
@@ -919,6 +924,8 @@ def parse_args(argv=None) -> tuple[argparse.Namespace, Settings]:
     p.add_argument("--rdm-steps", type=int, help="RDM DDIM steps (default: the model's; quick 5)")
     p.add_argument("--cfg", type=float, help="MAGE guidance scale (default: the model's)")
     p.add_argument("--temperature", type=float, help="MAGE temperature (default: the model's)")
+    p.add_argument("--token-temperature", type=float,
+                   help="temperature of MAGE's draw of each token, > 0 (default: the model's; 1 is the official)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=1,
                    help="torch CPU threads (default 1: the CNN's kernels are tiny, and on a shared box more "
@@ -1002,6 +1009,7 @@ def parse_args(argv=None) -> tuple[argparse.Namespace, Settings]:
         default_p=args.default_p, default_variants=pick(args.default_variants, 4, 1), rep_noise=args.rep_noise,
         rep_copies=pick(args.rep_copies, 10, 2), num_iter=pick(args.num_iter, None, 2),
         rdm_steps=pick(args.rdm_steps, None, 5), cfg=args.cfg, temperature=args.temperature,
+        token_temperature=args.token_temperature,
         probe_cs=[0.1, 1.0, 10.0], classical_candidates=list(CLASSICAL_CANDIDATES), arms=arms,
         device=args.device, models=models, tuning_from=str(args.tuning_from) if args.tuning_from else None,
     )

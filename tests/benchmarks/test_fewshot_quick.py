@@ -224,6 +224,9 @@ def test_tuning_from_reuses_choices_and_reproduces_the_arms(tmp_path):
     proc = subprocess.run([*base, "--num-iter", "3", "--out-dir", str(tmp_path / "bad"), "--tuning-from", str(tuned)],
                           capture_output=True, text=True, timeout=600)  # another generator: not the same choices
     assert proc.returncode != 0 and "tuned with num_iter=" in proc.stderr
+    proc = subprocess.run([*base, "--token-temperature", "0.5", "--out-dir", str(tmp_path / "bad"), "--tuning-from",
+                           str(tuned)], capture_output=True, text=True, timeout=600)
+    assert proc.returncode != 0 and "tuned with token_temperature=None" in proc.stderr
 
     # merge: a later run under the same tuning adds its arms to the dataset (paired differences recomputed)
     proc = subprocess.run([sys.executable, str(SCRIPT), "merge", str(tuned), str(second / "fewshot_quick.json"),
