@@ -57,7 +57,7 @@ from rcg_augment import RCGAugment, RCGPipeline, RepresentationAugment
 from rcg_augment.data import open_source, pil_to_tensor
 from rcg_augment.data.splits import SPLIT_SEED, TEST_FRACTION, benchmark_split, indices_sha256
 from rcg_augment.label_filter import PrototypeFilter
-from rcg_augment.settings import DEFAULT_NOISE_LEVEL
+from rcg_augment.settings import DEFAULT_NOISE_LEVEL, GenerationSettings
 
 logger = logging.getLogger("fewshot")
 
@@ -157,6 +157,12 @@ class Settings:
     tuning_from: str | None = None
     # after the fields every earlier report has, so Settings(**old_report["settings"]) still loads
     token_temperature: float | None = None
+
+    @property
+    def generation(self) -> dict:
+        """The generator overrides every RCG arm runs with (unset ones: the model's defaults)."""
+        return GenerationSettings(cfg=self.cfg, temperature=self.temperature, num_iter=self.num_iter,
+                                  rdm_steps=self.rdm_steps, token_temperature=self.token_temperature).overrides()
 
     def grid(self) -> list[RCGConfig]:
         """The declared RCG grid, p = 0 first: on a tie the earlier (simpler, cheaper) point wins."""
@@ -449,9 +455,8 @@ def generate_candidates(pipe: RCGPipeline, images: torch.Tensor, pair: tuple[flo
     x = images.repeat_interleave(count, dim=0)
     g = torch.Generator().manual_seed(seed)
     t = time.perf_counter()
-    out = [pipe.reconstruct(x[i:i + 128].to(s.device), noise, generator=g, cfg=s.cfg, temperature=s.temperature,
-                            num_iter=s.num_iter, rdm_steps=s.rdm_steps, repaint_fraction=repaint,
-                            token_temperature=s.token_temperature).cpu()
+    out = [pipe.reconstruct(x[i:i + 128].to(s.device), noise, generator=g, repaint_fraction=repaint,
+                            **s.generation).cpu()
            for i in range(0, len(x), 128)]
     gen = time.perf_counter() - t
     variants = (torch.cat(out).clamp(0, 1) * 255).round() / 255
@@ -523,8 +528,7 @@ class VariantBank:
 
 def default_config(pipe: RCGPipeline, s: Settings) -> RCGConfig:
     """The library's defaults: noise 0.3, the model's repaint_fraction, no filter."""
-    g = pipe.resolve_settings(cfg=s.cfg, temperature=s.temperature, num_iter=s.num_iter, rdm_steps=s.rdm_steps,
-                              token_temperature=s.token_temperature)
+    g = pipe.resolve_settings(**s.generation)
     return RCGConfig(s.default_p, DEFAULT_NOISE_LEVEL, g.repaint_fraction, False, s.default_variants)
 
 
@@ -680,8 +684,7 @@ def run_dataset(d: DatasetData, pipe: RCGPipeline, s: Settings, log) -> dict:
     defaults = default_config(pipe, s)
     result = {"shots": {}, "test_size": len(d.test), "pool_size": len(d.pool),
               # the generation settings every RCG arm ran with (the model's defaults filled in)
-              "generation": pipe.resolve_settings(cfg=s.cfg, temperature=s.temperature, num_iter=s.num_iter,
-                                                  rdm_steps=s.rdm_steps, token_temperature=s.token_temperature).to_dict(),
+              "generation": pipe.resolve_settings(**s.generation).to_dict(),
               "default_rcg": asdict(defaults), "grid_points": len(s.grid())}
     t0 = time.perf_counter()
     if s.tuning_from:
@@ -729,10 +732,8 @@ def run_dataset(d: DatasetData, pipe: RCGPipeline, s: Settings, log) -> dict:
                         filter_stats[str(k)][arm].append(stats["acceptance"])
                 elif arm == "classical+rcg-online":
                     config = best_with_rcg(tuned, s)
-                    online = RCGAugment(config.noise_level, model=pipe, p=config.p, cfg=s.cfg,
-                                        temperature=s.temperature, num_iter=s.num_iter, rdm_steps=s.rdm_steps,
-                                        repaint_fraction=config.repaint_fraction,
-                                        token_temperature=s.token_temperature, seed=rs)
+                    online = RCGAugment(config.noise_level, model=pipe, p=config.p,
+                                        repaint_fraction=config.repaint_fraction, seed=rs, **s.generation)
                     acc = accuracy(train_cnn(x, y, len(d.classes), ImageArm(tuned["classical"], online=online), s, rs),
                                    x_test, y_test, s.device)
                 elif arm == "probe":
