@@ -94,10 +94,15 @@ class MAGEStage(Stage):
     Args:
         crop_scale: RandomResizedCrop area range, or None (official default: no augmentation).
         hflip: random horizontal flips (off by default, as the official default).
+        label_smoothing: label smoothing of the masked-token cross-entropy, in [0, 1); None
+            trains with the model's ``mage.label_smoothing`` (0.1 in every preset, as the official
+            training). A value rewrites that config field, so the saved model records what its
+            weights were last trained with and a later fine-tune keeps it.
     """
 
     crop_scale: tuple[float, float] | None = None
     hflip: bool = False
+    label_smoothing: float | None = None
 
     name = "mage"
     network = "mage"
@@ -112,8 +117,15 @@ class MAGEStage(Stage):
     def __post_init__(self) -> None:
         if self.crop_scale is not None:
             self.crop_scale = tuple(float(s) for s in self.crop_scale)
+        if self.label_smoothing is not None:
+            v = self.label_smoothing
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0.0 <= v < 1.0:
+                raise ValueError(f"`label_smoothing` must be a number in [0, 1) or None, got {v!r}")
+            self.label_smoothing = float(v)
 
     def build(self, pipe: RCGPipeline) -> nn.Module:
+        if self.label_smoothing is not None:  # pipe.config.mage is this same object
+            pipe.mage.config.label_smoothing = self.label_smoothing
         pipe.mage.requires_grad_(True)
         return MAGELoss(pipe.mage)
 

@@ -172,3 +172,15 @@ def test_log_records(tmp_path):
         assert {"loss", "lr", "images_per_s", "s_per_step", "grad_norm", "epoch", "recon", "vq"} <= set(r)
         assert r["images_per_s"] > 0 and math.isfinite(r["loss"])
     assert lines[0]["event"] == "start" and lines[-1]["event"] == "end"
+
+
+def test_mage_label_smoothing_option_is_saved_and_checked(tmp_path):
+    """MAGEStage(label_smoothing=...) trains with it and the saved config records it; a bad value
+    is refused up front."""
+    assert micro_pipeline().config.mage.label_smoothing == 0.1
+    res = train_stage("mage", digits_source(), tmp_path, init=micro_pipeline(), steps=1, label_smoothing=0.0, **FAST)
+    assert res.completed
+    assert RCGPipeline.from_pretrained(tmp_path).config.mage.label_smoothing == 0.0
+    for bad in (1.0, -0.1, "0", True):
+        with pytest.raises(ValueError, match="label_smoothing"):
+            MAGEStage(label_smoothing=bad)
