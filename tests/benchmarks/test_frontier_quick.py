@@ -1,0 +1,61 @@
+"""The fidelity/variety frontier benchmark: quick mode runs and its statistics are right."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+import frontier  # noqa: E402
+
+
+def test_frontier_quick(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "frontier.py"), "--quick", "--out-dir", str(tmp_path)],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    data = json.loads((tmp_path / "frontier_quick.json").read_text())
+    assert data["seeds"] == [0, 1] and data["held_out_images"] == 24
+    assert [r["overrides"] for r in data["rows"]] == [
+        {"num_iter": 2, "rdm_steps": 3}, {"num_iter": 2, "rdm_steps": 3, "cfg": 1, "token_temperature": 1.3}]
+    for row in data["rows"]:
+        assert row["settings"]["num_iter"] == 2 and row["settings"]["rdm_steps"] == 3  # resolved, then overridden
+        assert [r["seed"] for r in row["per_seed"]] == [0, 1]
+        for key in ("own", "preservation"):
+            assert 0.0 <= row["summary"][key]["mean"] <= 1.0
+        assert row["summary"]["images_per_s"]["mean"] > 0
+    assert (tmp_path / "frontier_quick.png").stat().st_size > 0
+    assert "| settings | own (goal 0.93) |" in (tmp_path / "frontier_quick.md").read_text()
+
+
+def test_summary_is_mean_and_standard_error_over_seeds():
+    per_seed = [{k: v for k in frontier.METRICS} for v in (0.8, 0.9, 1.0)]
+    s = frontier.summarise(per_seed)
+    assert s["own"]["mean"] == pytest.approx(0.9)
+    assert s["own"]["se"] == pytest.approx(np.std([0.8, 0.9, 1.0], ddof=1) / np.sqrt(3))
+    assert frontier.summarise(per_seed[:1])["preservation"]["se"] == 0.0
+
+
+def test_settings_are_parsed_and_checked():
+    assert frontier.parse_setting("defaults") == {}
+    assert frontier.parse_setting("cfg=2, token_temperature=1.3") == {"cfg": 2, "token_temperature": 1.3}
+    with pytest.raises(TypeError, match="unknown generation settings"):
+        frontier.parse_setting("guidance=2")
+    with pytest.raises(ValueError, match="token_temperature"):
+        frontier.parse_setting("token_temperature=0")
+    with pytest.raises(ValueError, match="name=value"):
+        frontier.parse_setting("cfg")
+
+
+def test_bad_arguments_exit_with_a_message():
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "frontier.py"), "--quick", "--variants", "1"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "--variants must be >= 2" in proc.stderr
