@@ -75,13 +75,15 @@ def masked_token_accuracy(pipe, x: torch.Tensor, *, mask_ratio: float = 0.75, se
 
     ``mask_ratio`` of each image's VQ tokens (at random, seeded) are masked; the share of them
     whose arg-max prediction is the true code, given the image's own representation
-    (conditional) or the learned unconditional latent.
+    (conditional) or the learned unconditional latent. ``stray_mass``: the mean probability
+    MAGE puts (conditional, at temperature 1) on codes it rates below 1/codebook_size, i.e.
+    how often a draw at token temperature 1 picks a code MAGE itself thinks unlikely.
     """
     from rcg_augment.sampling.maskgit import keep_source_tokens
 
     g = torch.Generator().manual_seed(seed)
     hits = {"conditional": 0, "unconditional": 0}
-    total = 0
+    total, stray = 0, 0.0
     mask_id = pipe.config.mage.mask_token_id
     for i in range(0, len(x), batch):
         xb = x[i:i + batch]
@@ -90,10 +92,14 @@ def masked_token_accuracy(pipe, x: torch.Tensor, *, mask_ratio: float = 0.75, se
         masked = start == mask_id
         rep = pipe.encode(xb)
         for name, r in (("conditional", rep), ("unconditional", None)):
-            pred = pipe.mage(start, r).argmax(-1)
-            hits[name] += int((pred == codes)[masked].sum())
+            logits = pipe.mage(start, r).float()
+            hits[name] += int((logits.argmax(-1) == codes)[masked].sum())
+            if name == "conditional":
+                p = logits.softmax(-1)[masked]
+                stray += float((p * (p < 1.0 / p.shape[-1])).sum())
         total += int(masked.sum())
-    return {k: v / max(1, total) for k, v in hits.items()} | {"mask_ratio": mask_ratio}
+    return {k: v / max(1, total) for k, v in hits.items()} | {"stray_mass": stray / max(1, total),
+                                                              "mask_ratio": mask_ratio}
 
 
 @torch.inference_mode()
@@ -404,7 +410,8 @@ def print_fidelity(f: dict) -> None:
         print(f"| {name} | {v:.3f} |")
     m = f["masked_token_accuracy"]
     print(f"\nMAGE masked-token accuracy ({m['mask_ratio']:.0%} masked): with representation "
-          f"{m['conditional']:.3f}, without {m['unconditional']:.3f}")
+          f"{m['conditional']:.3f}, without {m['unconditional']:.3f}; probability on codes it rates below "
+          f"1/codebook (stray codes at token temperature 1): {m['stray_mass']:.3f}")
 
 
 if __name__ == "__main__":

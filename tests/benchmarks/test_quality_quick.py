@@ -8,6 +8,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
+import pytest
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -28,6 +31,7 @@ def test_quality_quick_reports_the_fidelity_decomposition(tmp_path):
         assert 0.0 <= f[key] <= 1.0
     m = f["masked_token_accuracy"]
     assert 0.0 <= m["conditional"] <= 1.0 and 0.0 <= m["unconditional"] <= 1.0
+    assert 0.0 <= m["stray_mass"] <= 1.0
     assert set(data["per_noise_level"]) == {"0.0", "0.5"}
     assert (tmp_path / "quality_quick.png").is_file()
 
@@ -48,3 +52,30 @@ def test_quality_quick_fidelity_only_with_label_filter(tmp_path):
     assert set(f["reconstruct"]) == {"0.3"}
     row = f["label_filter"]["0.3"]
     assert 0.0 <= row["kept_fraction"] <= 1.0 and 1.0 <= row["draws_per_image"] <= 2.0
+
+
+def test_stray_mass_is_the_probability_on_codes_rated_below_uniform():
+    """A stub MAGE that gives code 0 probability 0.9 and spreads 0.1 over the other 255 codes:
+    all of those are below 1/256, so the stray mass is 0.1; arg-max accuracy counts code 0."""
+    from types import SimpleNamespace
+
+    import torch
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from quality import masked_token_accuracy
+
+    k = 256
+    logits = torch.full((k,), float(np.log(0.1 / (k - 1))))
+    logits[0] = float(np.log(0.9))
+    images = torch.zeros(4, 1, 8, 8)
+    images[:2] = 1  # the stub tokenizer reads codes off the pixels: half the images' codes are 1,
+    # which the stub MAGE never predicts
+    pipe = SimpleNamespace(
+        config=SimpleNamespace(mage=SimpleNamespace(mask_token_id=k)),
+        tokenizer=SimpleNamespace(encode=lambda x: x[:, 0, :4, :4].long()),
+        encode=lambda x: torch.zeros(len(x), 8),
+        mage=lambda tokens, rep: logits.expand(*tokens.shape, k),
+    )
+    m = masked_token_accuracy(pipe, images, mask_ratio=0.75, batch=3)
+    assert m["stray_mass"] == pytest.approx(0.1, abs=1e-5)
+    assert m["conditional"] == pytest.approx(0.5) and m["unconditional"] == pytest.approx(0.5)
