@@ -10,6 +10,7 @@ The network itself (:class:`~rcg_augment.models.mage.MAGE`) only runs forward.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -123,9 +124,20 @@ class MAGEStage(Stage):
                 raise ValueError(f"`label_smoothing` must be a number in [0, 1) or None, got {v!r}")
             self.label_smoothing = float(v)
 
+    def options(self) -> dict:
+        # Unset, the option is left out of the run's record, so runs recorded before it existed
+        # still resume and still count as finished.
+        out = super().options()
+        if self.label_smoothing is None:
+            out.pop("label_smoothing", None)
+        return out
+
     def build(self, pipe: RCGPipeline) -> nn.Module:
-        if self.label_smoothing is not None:  # pipe.config.mage is this same object
-            pipe.mage.config.label_smoothing = self.label_smoothing
+        if self.label_smoothing is not None:
+            # A new config object (a preset's may be shared), set on the pipeline and its MAGE.
+            config = dataclasses.replace(pipe.mage.config, label_smoothing=self.label_smoothing)
+            pipe.config.mage = config
+            pipe.mage.config = config
         pipe.mage.requires_grad_(True)
         return MAGELoss(pipe.mage)
 

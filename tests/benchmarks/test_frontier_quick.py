@@ -32,6 +32,7 @@ def test_frontier_quick(tmp_path):
         for key in ("own", "preservation"):
             assert 0.0 <= row["summary"][key]["mean"] <= 1.0
         assert row["summary"]["images_per_s"]["mean"] > 0
+        assert row["summary"]["rms_between"]["mean"] > 0 and row["summary"]["rms_to_source"]["mean"] > 0
     assert (tmp_path / "frontier_quick.png").stat().st_size > 0
     assert "| settings | own (goal 0.93) |" in (tmp_path / "frontier_quick.md").read_text()
 
@@ -53,6 +54,48 @@ def test_settings_are_parsed_and_checked():
         frontier.parse_setting("token_temperature=0")
     with pytest.raises(ValueError, match="name=value"):
         frontier.parse_setting("cfg")
+    for bad in ("cfg=null", "cfg=abc", "cfg=true"):
+        with pytest.raises(ValueError, match="not a number"):
+            frontier.parse_setting(bad)
+
+
+def test_run_one_distances_and_rates_on_a_stub_pipeline():
+    """Variant k of source i is x_i + 0.1 k (two variants): RMS between them 0.1, to the source
+    0.05; a judge that returns the true labels for images it sees gives rates of 1."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from rcg_augment import GenerationSettings
+
+    x = torch.rand(5, 1, 4, 4) * 0.5
+    y = np.arange(5)
+    calls = {"n": 0}
+
+    def reconstruct(batch, level, generator=None, **kw):
+        k = torch.arange(len(batch)) % 2  # repeat_interleave order: source 0 twice, then 1...
+        return batch + 0.1 * k.view(-1, 1, 1, 1).float()
+
+    def render(rep, generator=None, **kw):  # the stub "representation" is the image itself
+        return rep.view(-1, 1, 4, 4)
+
+    pipe = SimpleNamespace(
+        resolve_settings=lambda **o: GenerationSettings(cfg=0.0, temperature=1.0, num_iter=1, rdm_steps=1, eta=0.0,
+                                                        repaint_fraction=1.0, token_temperature=1.0),
+        _resize=lambda imgs, size: imgs, encode=lambda b: b.flatten(1), render=render,
+        reconstruct=reconstruct)
+    # The judge recognises a source by its first pixel, shifted or not.
+    firsts = x.flatten(1)[:, 0].numpy()
+
+    class Judge:
+        def predict(self, flat):
+            calls["n"] += 1
+            return np.array([int(np.argmin(np.minimum(abs(firsts - v), abs(firsts + 0.1 - v)))) for v in flat[:, 0]])
+
+    r = frontier.run_one(pipe, Judge(), x, y, {}, noise_level=0.3, variants=2, seed=0, batch_size=4)  # even: pairs stay in a batch
+    assert r["rms_between"] == pytest.approx(0.1, abs=1e-6)
+    assert r["rms_to_source"] == pytest.approx(0.05, abs=1e-6)
+    assert r["own"] == 1.0 and r["preservation"] == 1.0 and calls["n"] == 2
 
 
 def test_bad_arguments_exit_with_a_message():

@@ -184,3 +184,10 @@ def test_mage_label_smoothing_option_is_saved_and_checked(tmp_path):
     for bad in (1.0, -0.1, "0", True):
         with pytest.raises(ValueError, match="label_smoothing"):
             MAGEStage(label_smoothing=bad)
+    # Unset, it stays out of a run's record (records made before the option existed still match).
+    assert "label_smoothing" not in MAGEStage().options()
+    assert MAGEStage(label_smoothing=0.0).options()["label_smoothing"] == 0.0
+    # The preset's shared config is not modified.
+    from rcg_augment.models import MAGE_PRESETS
+
+    assert MAGE_PRESETS["tiny"].label_smoothing == 0.1
