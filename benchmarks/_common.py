@@ -1,5 +1,6 @@
 """What every benchmark script records about its run: the date, the machine, the versions and
-the command that reproduces it. The scripts run as ``python benchmarks/<name>.py``, which puts
+the command that reproduces it; and what the quality benchmarks share: images of a source as
+tensors and the pixel label judge. The scripts run as ``python benchmarks/<name>.py``, which puts
 this folder on ``sys.path``: ``from _common import machine, versions``.
 """
 
@@ -52,3 +53,18 @@ def command(script: str, argv: list[str] | None = None) -> str:
 
 
 __all__ = ["command", "machine", "utc_now", "versions"]
+
+
+def load_images(source, indices, size: int, channels: int) -> torch.Tensor:
+    """Images ``indices`` of an ImageSource as one (N, channels, size, size) float tensor in [0, 1]."""
+    from rcg_augment.data import pil_to_tensor
+
+    return torch.stack([pil_to_tensor(source.load(int(i)), size, channels) for i in indices])
+
+
+def pixel_judge(x_pool: torch.Tensor, y_pool):
+    """The label judge of quality.py, speed_quality.py and frontier.py: a logistic regression on the
+    pixels of the real benchmark pool (``C`` 0.5), whose ``predict`` takes flattened images."""
+    from sklearn.linear_model import LogisticRegression
+
+    return LogisticRegression(max_iter=2000, C=0.5).fit(x_pool.flatten(1).numpy(), y_pool)

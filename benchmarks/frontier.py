@@ -36,10 +36,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from _common import command, machine, utc_now, versions
+from _common import command, load_images, machine, pixel_judge, utc_now, versions
 
 from rcg_augment import GenerationSettings, RCGPipeline
-from rcg_augment.data import open_source, pil_to_tensor
+from rcg_augment.data import open_source
 from rcg_augment.data.splits import benchmark_split
 
 RESULTS = Path(__file__).parent / "results"
@@ -196,14 +196,11 @@ def main(argv=None) -> int:
     if args.quick:
         pool_idx = pool_idx[::4]
     size, ch = pipe.image_size, pipe.in_channels
-    tensors = lambda idx: torch.stack([pil_to_tensor(source.load(i), size, ch) for i in idx])  # noqa: E731
-    x_pool, y_pool = tensors(pool_idx), np.array([source.labels[i] for i in pool_idx])
-    x, y = tensors(test_idx), np.array([source.labels[i] for i in test_idx])
+    x_pool, y_pool = load_images(source, pool_idx, size, ch), np.array([source.labels[i] for i in pool_idx])
+    x, y = load_images(source, test_idx, size, ch), np.array([source.labels[i] for i in test_idx])
     if len(set(y_pool.tolist())) < 2:
         ap.error("--data must have at least two classes (the judge is a classifier)")
-    from sklearn.linear_model import LogisticRegression
-
-    clf = LogisticRegression(max_iter=2000, C=0.5).fit(x_pool.flatten(1).numpy(), y_pool)
+    clf = pixel_judge(x_pool, y_pool)
     real = float((clf.predict(x.flatten(1).numpy()) == y).mean())
 
     rows = []

@@ -36,10 +36,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from _common import command, utc_now, versions
+from _common import command, load_images, pixel_judge, utc_now, versions
 
 from rcg_augment import RCGPipeline
-from rcg_augment.data import open_source, pil_to_tensor
+from rcg_augment.data import open_source
 from rcg_augment.data.contact_sheet import contact_sheet
 from rcg_augment.data.splits import benchmark_split
 
@@ -184,7 +184,7 @@ def main(argv=None) -> int:
         test_idx = [i for i in test_idx if source.labels[i] in keep]
 
     def tensors(indices):
-        return torch.stack([pil_to_tensor(source.load(i), size, ch) for i in indices])
+        return load_images(source, indices, size, ch)
 
     if args.quick:  # seconds, not minutes: a strided subset of both splits
         pool_idx, test_idx = pool_idx[::4], test_idx[::8]
@@ -198,12 +198,10 @@ def main(argv=None) -> int:
     src = x_test[chosen]
 
     # Label preservation: a pixel classifier trained on the real pool.
-    from sklearn.linear_model import LogisticRegression
-
     multi_class = len(set(y_pool.tolist())) > 1
     clf = None
     if multi_class:
-        clf = LogisticRegression(max_iter=2000, C=0.5).fit(x_pool.flatten(1).numpy(), y_pool)
+        clf = pixel_judge(x_pool, y_pool)
         real_acc = float((clf.predict(x_test.flatten(1).numpy()) == y_test).mean())
     if args.surface:
         if clf is None:

@@ -25,10 +25,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from _common import command, machine, utc_now, versions
+from _common import command, load_images, machine, pixel_judge, utc_now, versions
 
 from rcg_augment import RCGPipeline
-from rcg_augment.data import open_source, pil_to_tensor
+from rcg_augment.data import open_source
 from rcg_augment.data.splits import benchmark_split
 
 RESULTS = Path(__file__).parent / "results"
@@ -128,15 +128,11 @@ def main(argv=None) -> int:
     pool_idx, test_idx = benchmark_split(source)
     rng = np.random.default_rng(args.seed)
     chosen = np.sort(rng.choice(test_idx, size=min(args.sources, len(test_idx)), replace=False))
-    x = torch.stack([pil_to_tensor(source.load(int(i)), size, ch) for i in chosen])
+    x = load_images(source, chosen, size, ch)
     y = np.array([source.labels[int(i)] for i in chosen])
     clf = None
     if len(source.classes) > 1:
-        from sklearn.linear_model import LogisticRegression
-
-        x_pool = torch.stack([pil_to_tensor(source.load(i), size, ch) for i in pool_idx]).flatten(1).numpy()
-        y_pool = np.array([source.labels[i] for i in pool_idx])
-        clf = LogisticRegression(max_iter=2000, C=0.5).fit(x_pool, y_pool)
+        clf = pixel_judge(load_images(source, pool_idx, size, ch), np.array([source.labels[i] for i in pool_idx]))
         real_acc = float((clf.predict(x.flatten(1).numpy()) == y).mean())
 
     rows = []
