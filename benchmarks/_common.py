@@ -68,3 +68,16 @@ def pixel_judge(x_pool: torch.Tensor, y_pool):
     from sklearn.linear_model import LogisticRegression
 
     return LogisticRegression(max_iter=2000, C=0.5).fit(x_pool.flatten(1).numpy(), y_pool)
+
+
+# The generation settings that act when MAGE renders a representation (no RDM, nothing kept from a source).
+RENDER_SETTINGS = ("cfg", "temperature", "num_iter", "token_temperature")
+
+
+def render_own(pipe, x: torch.Tensor, settings, *, generator: torch.Generator, batch: int) -> torch.Tensor:
+    """MAGE rendering each image's own representation (noise 0, no RDM, full repaint) at the
+    ``RENDER_SETTINGS`` of ``settings`` (a mapping with those keys), ``batch`` images at a time."""
+    kw = {k: settings[k] for k in RENDER_SETTINGS}
+    with torch.inference_mode():
+        return torch.cat([pipe.render(pipe.encode(x[i:i + batch]), generator=generator, repaint_fraction=1.0, **kw)
+                          for i in range(0, len(x), batch)])

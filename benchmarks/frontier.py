@@ -36,7 +36,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from _common import command, load_images, machine, pixel_judge, utc_now, versions
+from _common import command, load_images, machine, pixel_judge, render_own, utc_now, versions
 
 from rcg_augment import GenerationSettings, RCGPipeline
 from rcg_augment.data import open_source
@@ -58,11 +58,12 @@ def parse_setting(text: str) -> dict:
         if not sep:
             raise ValueError(f"setting {item!r} in {text!r} is not name=value")
         try:
-            out[key.strip()] = json.loads(value)
+            number = json.loads(value)
         except json.JSONDecodeError:
-            out[key.strip()] = None
-        if isinstance(out[key.strip()], bool) or not isinstance(out[key.strip()], (int, float)):
+            number = None
+        if isinstance(number, bool) or not isinstance(number, (int, float)):
             raise ValueError(f"value of {key.strip()!r} in {text!r} is not a number: {value!r}")
+        out[key.strip()] = number
     GenerationSettings.from_kwargs(**out)
     return out
 
@@ -76,11 +77,8 @@ def run_one(pipe, clf, x, y, overrides: dict, *, noise_level: float, variants: i
     """The four numbers of one setting at one seed, over every image of ``x``."""
     s = pipe.resolve_settings(**overrides)
     predict = lambda imgs: clf.predict(pipe._resize(imgs, tuple(x.shape[-2:])).flatten(1).numpy())  # noqa: E731
-    own_kw = {k: getattr(s, k) for k in ("cfg", "temperature", "num_iter", "token_temperature")}
-    g = torch.Generator().manual_seed(seed)
+    rendered = render_own(pipe, x, s.to_dict(), generator=torch.Generator().manual_seed(seed), batch=batch_size)
     with torch.inference_mode():
-        rendered = torch.cat([pipe.render(pipe.encode(x[i:i + batch_size]), generator=g, repaint_fraction=1.0,
-                                          **own_kw) for i in range(0, len(x), batch_size)])
         g = torch.Generator().manual_seed(seed)
         reps = x.repeat_interleave(variants, 0)
         t0 = time.perf_counter()
@@ -191,6 +189,7 @@ def main(argv=None) -> int:
             ap.error(f"setting {label(s)!r}: {err}")
     source = open_source(args.data)
     pool_idx, test_idx = benchmark_split(source)
+    held_out = len(test_idx)
     if args.sources:
         test_idx = test_idx[:args.sources]
     if args.quick:
@@ -226,7 +225,7 @@ def main(argv=None) -> int:
               "command": command("frontier.py", argv)}
     (out_dir / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
     fmt = lambda m: f"{m['mean']:.3f} ± {m['se']:.3f}"  # noqa: E731
-    which = f"all {len(x)}" if len(x) == len(benchmark_split(source)[1]) else f"the first {len(x)}"
+    which = f"all {len(x)}" if len(x) == held_out else f"the first {len(x)}"
     lines = [f"{result['model']} on {args.data}: {which} held-out images, noise level {args.noise_level:g}, "
              f"{args.variants} variants each, seeds {seeds} (mean ± standard error over seeds: the spread of "
              f"the draws on these same images; comparing with other images or another judge adds about "

@@ -36,7 +36,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from _common import command, load_images, pixel_judge, utc_now, versions
+from _common import command, load_images, pixel_judge, render_own, utc_now, versions
 
 from rcg_augment import RCGPipeline
 from rcg_augment.data import open_source
@@ -125,8 +125,7 @@ def fidelity_decomposition(pipe, clf, x_pool, y_pool, x_test, y_test, settings: 
     nearest = (f_test @ f_pool.t()).argmax(-1).numpy()
     out["encoder_nearest_neighbour"] = float((y_pool[nearest] == y_test).mean())
     g = torch.Generator().manual_seed(seed)
-    own = {k: v for k, v in settings.items() if k in ("cfg", "temperature", "num_iter", "token_temperature")}
-    rendered = batched(lambda b: pipe.render(pipe.encode(b), generator=g, repaint_fraction=1.0, **own), x_test, batch)
+    rendered = render_own(pipe, x_test, settings, generator=g, batch=batch)
     out["mage_from_own_representation"] = float((predict(pipe._resize(rendered, tuple(x_test.shape[-2:])))
                                                  == y_test).mean())
     out["masked_token_accuracy"] = masked_token_accuracy(pipe, x_test, seed=seed, batch=batch)
