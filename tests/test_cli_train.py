@@ -145,10 +145,10 @@ def test_recipe_encoder_continuation_retrains_what_reads_the_representation(micr
         assert f"{name} done" in printed
     assert printed.index("encoder-continued-4 done") < printed.index("rdm-continued-5 done") < printed.index(
         "mage-continued-6 done")
-    records = RCGPipeline.from_pretrained(out).config.metadata["training"]
+    after = RCGPipeline.from_pretrained(out)
+    records = after.config.metadata["training"]
     assert [(r["stage"], r["continuation"], r["seed"]) for r in records] == [
         ("encoder", 4, 5), ("rdm", 5, 5), ("mage", 6, 6)]
-    after = RCGPipeline.from_pretrained(out)
     for net in ("encoder", "rdm", "mage"):
         a, b = getattr(before, net).state_dict(), getattr(after, net).state_dict()
         assert any(not torch.equal(a[k], b[k]) for k in a), f"{net} did not change"
