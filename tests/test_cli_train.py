@@ -90,21 +90,24 @@ def test_recipe_continuation_runs_after_its_stage_and_resumes_as_finished(micro_
     assert "mage-continued-2 done: step 6/6" in printed and "mage-continued-3 done: step 5/5" in printed
     # `train mage` runs the recipe's MAGE continuations only (6 follows the encoder's and RDM's 4, 5)
     assert "mage-continued-6 done: step 2/2" in printed and "continued-4" not in printed
+    assert "mage-continued-7 done: step 4/4" in printed
     records = RCGPipeline.from_pretrained(out).config.metadata["training"]
-    first, cont, cont2, cont3, cont6 = records[-5:]
+    first, cont, cont2, cont3, cont6, cont7 = records[-6:]
     assert cont3["run_name"] == "mage-continued-3" and cont3["continuation"] == 3 and cont3["seed"] == 3
     assert cont6["run_name"] == "mage-continued-6" and cont6["continuation"] == 6 and cont6["seed"] == 6
+    assert cont7["run_name"] == "mage-continued-7" and cont7["continuation"] == 7 and cont7["seed"] == 7
     assert first["stage"] == cont["stage"] == "mage"
     assert "run_name" not in first and first["seed"] == 0
     assert cont["run_name"] == "mage-continued-1" and cont["continuation"] == 1 and cont["seed"] == 1
     assert cont["lr"] == pytest.approx(2 * first["lr"])  # blr 3e-3 after 1.5e-3
     assert cont2["run_name"] == "mage-continued-2" and cont2["continuation"] == 2 and cont2["seed"] == 2
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == [
-        "mage", "mage-continued-1", "mage-continued-2", "mage-continued-3", "mage-continued-6"]
+        "mage", "mage-continued-1", "mage-continued-2", "mage-continued-3", "mage-continued-6",
+        "mage-continued-7"]
     weights = (out / "model.safetensors").read_bytes()
     assert main(args) == 0
     printed = capsys.readouterr().out
-    assert printed.count("already finished") == 5
+    assert printed.count("already finished") == 6
     assert (out / "model.safetensors").read_bytes() == weights
 
 
@@ -118,13 +121,14 @@ def test_recipe_from_a_continuation_starts_at_a_finished_model(micro_dir, tmp_pa
     printed = capsys.readouterr().out
     assert "mage-continued-3 done: step 5/5" in printed and "continued-2" not in printed
     pipe = RCGPipeline.from_pretrained(out)
-    record, later = pipe.config.metadata["training"]  # the micro start had no training records
+    record, *later = pipe.config.metadata["training"]  # the micro start had no training records
     assert record["continuation"] == 3 and record["seed"] == 3 and record["init"] == str(micro_dir)
-    assert later["continuation"] == 6 and later["seed"] == 6
-    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["mage-continued-3", "mage-continued-6"]
+    assert [(r["continuation"], r["seed"]) for r in later] == [(6, 6), (7, 7)]
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == [
+        "mage-continued-3", "mage-continued-6", "mage-continued-7"]
     assert main(args) == 0 and "already finished" in capsys.readouterr().out
     assert main([*args[:7], "9", *args[8:]]) == 1
-    assert "`from_continuation` must be in [1, 6]" in capsys.readouterr().err
+    assert "`from_continuation` must be in [1, 7]" in capsys.readouterr().err
     assert main(["train", "mage", "--recipe", "digits-tiny", "--continuation", "3", "--out",
                  str(tmp_path / "none"), "--no-progress"]) == 1
     assert "needs `init`" in capsys.readouterr().err
@@ -133,7 +137,7 @@ def test_recipe_from_a_continuation_starts_at_a_finished_model(micro_dir, tmp_pa
 
 
 def test_recipe_encoder_continuation_retrains_what_reads_the_representation(micro_dir, tmp_path, capsys):
-    """digits-tiny's continuation 4 trains the encoder further; 5 and 6 then continue the RDM and
+    """digits-tiny's continuation 4 trains the encoder further; 5, 6 and 7 then continue the RDM and
     MAGE on its new representations, in that order, into one folder."""
     out = tmp_path / "c4"
     before = RCGPipeline.from_pretrained(micro_dir)
@@ -141,14 +145,13 @@ def test_recipe_encoder_continuation_retrains_what_reads_the_representation(micr
             "--out", str(out), "--steps-scale", "0.002", "--batch-size", "4", "--no-progress"]
     assert main(args) == 0
     printed = capsys.readouterr().out
-    for name in ("encoder-continued-4", "rdm-continued-5", "mage-continued-6"):
-        assert f"{name} done" in printed
-    assert printed.index("encoder-continued-4 done") < printed.index("rdm-continued-5 done") < printed.index(
-        "mage-continued-6 done")
+    names = ("encoder-continued-4", "rdm-continued-5", "mage-continued-6", "mage-continued-7")
+    at = [printed.index(f"{name} done") for name in names]
+    assert at == sorted(at)
     after = RCGPipeline.from_pretrained(out)
     records = after.config.metadata["training"]
     assert [(r["stage"], r["continuation"], r["seed"]) for r in records] == [
-        ("encoder", 4, 5), ("rdm", 5, 5), ("mage", 6, 6)]
+        ("encoder", 4, 5), ("rdm", 5, 5), ("mage", 6, 6), ("mage", 7, 7)]
     for net in ("encoder", "rdm", "mage"):
         a, b = getattr(before, net).state_dict(), getattr(after, net).state_dict()
         assert any(not torch.equal(a[k], b[k]) for k in a), f"{net} did not change"

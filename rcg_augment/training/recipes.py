@@ -106,6 +106,9 @@ DIGITS_TINY = Recipe(
                  "seed": 5}),
         ("mage", {"steps": 1000, "blr": 3e-3, "ema_decay": 0.999, "crop_scale": (0.8, 1.0), "seed": 6,
                   "warmup_steps": 50}),
+        # MAGE had only those 1,000 steps on the new representations: 2,000 more (`--continuation 7`).
+        ("mage", {"steps": 2000, "blr": 3e-3, "ema_decay": 0.999, "crop_scale": (0.8, 1.0), "seed": 7,
+                  "warmup_steps": 50}),
     ),
 )
 
