@@ -364,7 +364,6 @@ class RCGPipeline(nn.Module):
         self, rep: torch.Tensor, *, generator: torch.Generator | None = None, cfg: float | None = None,
         temperature: float | None = None, num_iter: int | None = None, source: torch.Tensor | None = None,
         repaint_fraction: float | None = None, token_temperature: float | None = None,
-        token_min_p: float | None = None,
     ) -> torch.Tensor:
         """Representations (B, rep_dim) -> images (B, C, image_size, image_size) in [0, 1].
 
@@ -373,8 +372,7 @@ class RCGPipeline(nn.Module):
         masked, and paints only those.
         """
         s = self.resolve_settings(cfg=cfg, temperature=temperature, num_iter=num_iter,
-                                  repaint_fraction=repaint_fraction, token_temperature=token_temperature,
-                                  token_min_p=token_min_p)
+                                  repaint_fraction=repaint_fraction, token_temperature=token_temperature)
         rep = rep.to(self.device, torch.float32)
         generator = derive_generator(generator, self.device)
         with self._autocast():
@@ -385,8 +383,7 @@ class RCGPipeline(nn.Module):
                 start = keep_source_tokens(codes, s.repaint_fraction, self.config.mage.mask_token_id,
                                            generator=generator)
             tokens = maskgit_decode(self.mage, rep, num_iter=s.num_iter, temperature=s.temperature, cfg=s.cfg,
-                                    generator=generator, start_tokens=start, token_temperature=s.token_temperature,
-                                    token_min_p=s.token_min_p)
+                                    generator=generator, start_tokens=start, token_temperature=s.token_temperature)
             images = self.tokenizer.decode(tokens)
         return images.float().clamp(0, 1)
 
@@ -397,7 +394,6 @@ class RCGPipeline(nn.Module):
         generator: torch.Generator | None = None, cfg: float | None = None, temperature: float | None = None,
         num_iter: int | None = None, rdm_steps: int | None = None, eta: float | None = None,
         repaint_fraction: float | None = None, token_temperature: float | None = None,
-        token_min_p: float | None = None,
     ) -> torch.Tensor:
         """New images with the same semantics: encode, renoise + denoise the representation, render.
 
@@ -416,8 +412,6 @@ class RCGPipeline(nn.Module):
                 tokens, so variants stay closer to their source (see ``GenerationSettings``).
             token_temperature: temperature of MAGE's draw of each code, > 0: 1 is the official
                 sampling; lower follows the representation more faithfully, with less variety.
-            token_min_p: in [0, 1): codes less likely than this share of the likeliest code at
-                their position are never drawn (0, the official sampling: none is excluded).
 
         Returns:
             A float tensor of the input's shape, in [0, 1].
@@ -428,13 +422,12 @@ class RCGPipeline(nn.Module):
         size = tuple(images.shape[-2:])
         s = self.resolve_settings(cfg=cfg, temperature=temperature, num_iter=num_iter, rdm_steps=rdm_steps,
                                   eta=eta, repaint_fraction=repaint_fraction,
-                                  token_temperature=token_temperature, token_min_p=token_min_p)  # validates early
+                                  token_temperature=token_temperature)  # validates early
         rep = self.encode(images)
         rep = self.denoise_representations(rep, noise_level, generator=generator, rdm_steps=s.rdm_steps, eta=s.eta)
         out = self.render(rep, generator=generator, cfg=s.cfg, temperature=s.temperature, num_iter=s.num_iter,
                           source=images if s.repaint_fraction < FULL_REPAINT else None,
-                          repaint_fraction=s.repaint_fraction, token_temperature=s.token_temperature,
-                          token_min_p=s.token_min_p)
+                          repaint_fraction=s.repaint_fraction, token_temperature=s.token_temperature)
         return self._resize(out, size)
 
     @torch.inference_mode()
@@ -442,13 +435,12 @@ class RCGPipeline(nn.Module):
         self, n: int, *, generator: torch.Generator | None = None, cfg: float | None = None,
         temperature: float | None = None, num_iter: int | None = None, rdm_steps: int | None = None,
         eta: float | None = None, token_temperature: float | None = None,
-        token_min_p: float | None = None,
     ) -> torch.Tensor:
         """``n`` unconditional samples: the RDM samples representations, MAGE renders them."""
         if n < 0:
             raise ValueError(f"`n` must be >= 0, got {n}")
         s = self.resolve_settings(cfg=cfg, temperature=temperature, num_iter=num_iter, rdm_steps=rdm_steps, eta=eta,
-                                  token_temperature=token_temperature, token_min_p=token_min_p)
+                                  token_temperature=token_temperature)
         if n == 0:
             return torch.zeros(0, self.in_channels, self.image_size, self.image_size, device=self.device)
         gen = derive_generator(generator, self.device)
@@ -456,14 +448,13 @@ class RCGPipeline(nn.Module):
         with self._autocast():
             rep = sampler.sample(self.rdm, (n, self.config.rdm.rep_dim), generator=gen, device=self.device).float()
         return self.render(rep, generator=gen, cfg=cfg, temperature=temperature, num_iter=num_iter,
-                           token_temperature=token_temperature, token_min_p=token_min_p)
+                           token_temperature=token_temperature)
 
     @torch.inference_mode()
     def interpolate(
         self, a: torch.Tensor, b: torch.Tensor, alphas, *, generator: torch.Generator | None = None,
         cfg: float | None = None, temperature: float | None = None, num_iter: int | None = None,
         token_temperature: float | None = None,
-        token_min_p: float | None = None,
     ) -> torch.Tensor:
         """Images along the path between the representations of ``a`` and ``b``.
 
@@ -488,7 +479,7 @@ class RCGPipeline(nn.Module):
             mix = (mix - mix.mean(-1, keepdim=True)) / mix.std(-1, keepdim=True).clamp(min=1e-6)
             g = None if seed is None else torch.Generator(device=self.device).manual_seed(seed)
             out = self.render(mix, generator=g, cfg=cfg, temperature=temperature, num_iter=num_iter,
-                              token_temperature=token_temperature, token_min_p=token_min_p)
+                              token_temperature=token_temperature)
             frames.append(self._resize(out, tuple(a.shape[-2:])))
         return torch.stack(frames)
 

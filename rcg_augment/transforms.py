@@ -84,8 +84,6 @@ class RCGAugment(FrontEnd, Transform):
         token_temperature: temperature of MAGE's draw of each code, > 0 (None: the model's
             default). 1 is the official sampling; lower keeps variants closer to their
             representation's class, with less variety.
-        token_min_p: in [0, 1) (None: the model's default): codes less likely than this share of
-            the likeliest code at their position are never drawn; 0 is the official sampling.
         device: where the model runs (default "cpu" for names/directories, the pipeline's own
             device for an object, which is moved if ``device`` is given). Inputs on other devices
             are moved there and back. CUDA cannot be used in forked DataLoader workers: on a GPU,
@@ -107,14 +105,13 @@ class RCGAugment(FrontEnd, Transform):
         self, noise_level: float | tuple[float, float] = DEFAULT_NOISE_LEVEL, *, model: str | os.PathLike | RCGPipeline = "digits-tiny",
         p: float = 1.0, cfg: float | None = None, temperature: float | None = None, num_iter: int | None = None,
         rdm_steps: int | None = None, repaint_fraction: float | None = None, token_temperature: float | None = None,
-        token_min_p: float | None = None, device: str | torch.device | None = None, seed: int | None = None,
+        device: str | torch.device | None = None, seed: int | None = None,
     ) -> None:
         super().__init__()
         self.noise_level = check_noise_level(noise_level)
         self.p = check_probability(p)
         self._settings = GenerationSettings(cfg=cfg, temperature=temperature, num_iter=num_iter, rdm_steps=rdm_steps,
-                                            repaint_fraction=repaint_fraction, token_temperature=token_temperature,
-                                            token_min_p=token_min_p)
+                                            repaint_fraction=repaint_fraction, token_temperature=token_temperature)
         self._model = ModelHandle(model, device)
         self._random = RandomSource(seed)
 

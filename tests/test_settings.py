@@ -7,7 +7,6 @@ import torch
 
 from rcg_augment import GenerationSettings, RCGAugment, RCGPipeline
 from rcg_augment.pipeline import SamplingDefaults
-from rcg_augment.sampling.maskgit import truncate_min_p
 
 
 @pytest.fixture(scope="module")
@@ -26,8 +25,6 @@ def pipe():
     ({"repaint_fraction": 0.0}, ValueError, r"`repaint_fraction` must be in \(0, 1\]"),
     ({"repaint_fraction": 1.5}, ValueError, "repaint_fraction"),
     ({"token_temperature": 0.0}, ValueError, "`token_temperature` must be > 0"),
-    ({"token_min_p": 1.0}, ValueError, r"`token_min_p` must be in \[0, 1\)"),
-    ({"token_min_p": -0.1}, ValueError, "token_min_p"),
 ])
 def test_invalid_values_name_the_setting(kwargs, error, match):
     with pytest.raises(error, match=match):
@@ -39,7 +36,7 @@ def test_resolve_fills_from_the_model(pipe):
     m, r = pipe.config.mage, pipe.config.rdm
     assert s == GenerationSettings(cfg=0.0, temperature=m.temperature, num_iter=m.num_iter,
                                    rdm_steps=r.sampling_steps, eta=r.eta, repaint_fraction=1.0,
-                                   token_temperature=1.0, token_min_p=0.0)
+                                   token_temperature=1.0)
     assert GenerationSettings(num_iter=3).resolve(pipe.config).num_iter == 3
     with pytest.raises(ValueError, match=r"`rdm_steps` must be in \[1, 1000\]"):
         GenerationSettings(rdm_steps=1001).resolve(pipe.config)
@@ -118,32 +115,8 @@ def test_token_temperature_one_is_the_official_sampling_and_lower_sharpens_it(pi
     assert not torch.equal(c, d)
 
 
-def test_truncate_min_p_drops_what_is_below_the_share_of_the_top():
-    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05], [0.25, 0.25, 0.25, 0.25]]))
-    kept = truncate_min_p(logits, 0.2).softmax(-1)
-    torch.testing.assert_close(kept[0], torch.tensor([0.5, 0.3, 0.15, 0.0]) / 0.95)
-    torch.testing.assert_close(kept[1], torch.full((4,), 0.25))  # ties with the top are always kept
-    assert truncate_min_p(logits, 0.7).isfinite().sum().item() == 1 + 4
-
-
-def test_token_min_p_zero_is_the_official_sampling_and_near_one_draws_the_top_code(pipe):
-    x = torch.rand(3, 1, 20, 20, generator=torch.Generator().manual_seed(0))
-
-    def run(seed, **kw):
-        return pipe.reconstruct(x, 0.3, generator=torch.Generator().manual_seed(seed), **FAST, **kw)
-
-    torch.testing.assert_close(run(1, token_min_p=0.0), run(1), rtol=0, atol=0)
-    assert not torch.equal(run(1, token_min_p=0.5), run(1))
-    # near 1 only the likeliest code survives: without re-masking noise, two seeds render the
-    # same image from the same representation, at any token temperature
-    rep = pipe.encode(x)
-    a, b = (pipe.render(rep, generator=torch.Generator().manual_seed(s), temperature=0.0, token_min_p=0.999999,
-                        token_temperature=3.0, num_iter=2) for s in (1, 2))
-    torch.testing.assert_close(a, b, rtol=0, atol=0)
-
-
 def test_transforms_pass_the_knob(pipe):
-    aug = RCGAugment(0.3, model=pipe, seed=0, repaint_fraction=0.5, token_temperature=0.8, token_min_p=0.1, **FAST)
+    aug = RCGAugment(0.3, model=pipe, seed=0, repaint_fraction=0.5, token_temperature=0.8, **FAST)
     assert "repaint_fraction=0.5" in repr(aug)
     x = torch.rand(2, 1, 16, 16, generator=torch.Generator().manual_seed(0))
     calls = []
@@ -159,11 +132,9 @@ def test_transforms_pass_the_knob(pipe):
     finally:
         del pipe.reconstruct
     assert calls and calls[0]["repaint_fraction"] == 0.5 and calls[0]["token_temperature"] == 0.8
-    assert calls[0]["token_min_p"] == 0.1
     with pytest.raises(ValueError, match="repaint_fraction"):
         RCGAugment(0.3, model=pipe, repaint_fraction=2.0)
     from rcg_augment.albumentations import RCGAugment as ARCGAugment
 
     assert ARCGAugment(0.3, model=pipe, repaint_fraction=0.6).repaint_fraction == 0.6
     assert ARCGAugment(0.3, model=pipe, token_temperature=0.7)._settings.token_temperature == 0.7
-    assert ARCGAugment(0.3, model=pipe, token_min_p=0.05)._settings.token_min_p == 0.05

@@ -36,13 +36,6 @@ def gumbel_noise(shape, *, generator, device) -> torch.Tensor:
     return -torch.log(-torch.log(u))
 
 
-def truncate_min_p(logits: torch.Tensor, min_p: float) -> torch.Tensor:
-    """``logits`` with every entry whose probability is below ``min_p`` times the largest of its
-    row (last dimension) set to -inf. In log space: logit < max_logit + log(min_p)."""
-    floor = logits.amax(dim=-1, keepdim=True) + math.log(min_p)
-    return logits.masked_fill(logits < floor, float("-inf"))
-
-
 def keep_source_tokens(
     tokens: torch.Tensor, repaint_fraction: float, mask_token_id: int, *, generator: torch.Generator | None = None
 ) -> torch.Tensor:
@@ -65,7 +58,6 @@ def maskgit_decode(
     generator: torch.Generator | None = None,
     start_tokens: torch.Tensor | None = None,
     token_temperature: float = 1.0,
-    token_min_p: float = 0.0,
 ) -> torch.Tensor:
     """Generate a (B, L) grid of code indices conditioned on representations ``rep`` (B, rep_dim).
 
@@ -84,12 +76,9 @@ def maskgit_decode(
         token_temperature: > 0; the (guided) logits are divided by it before each code is drawn
             and before the confidences that pick what to re-mask; 1 (the official sampling)
             leaves them as they are.
-        token_min_p: in [0, 1); codes whose probability (after ``token_temperature``) is below
-            ``token_min_p`` times that of the likeliest code at their position are never drawn
-            ("min-p" truncation). 0 (the official sampling) keeps every code.
     """
     GenerationSettings(num_iter=num_iter, temperature=temperature, cfg=cfg,
-                       token_temperature=token_temperature, token_min_p=token_min_p)  # the one check of their ranges
+                       token_temperature=token_temperature)  # the one check of their ranges
     c = model.config
     bsz, length, device = rep.shape[0], c.num_tokens, rep.device
     guided = cfg > 0
@@ -113,8 +102,6 @@ def maskgit_decode(
             logits = apply_guidance(cond, uncond, guidance_scale(step, num_iter, cfg))
         if token_temperature != 1.0:
             logits = logits / token_temperature
-        if token_min_p > 0:
-            logits = truncate_min_p(logits, token_min_p)
         # Categorical sampling by the Gumbel-max trick (seeded).
         sampled = (logits + gumbel_noise(logits.shape, generator=generator, device=device)).argmax(-1)
         sampled = torch.where(unknown, sampled, tokens)
@@ -138,4 +125,4 @@ def maskgit_decode(
     return tokens  # unreachable: the loop returns at its last step
 
 
-__all__ = ["apply_guidance", "guidance_scale", "keep_source_tokens", "mask_ratio", "maskgit_decode", "truncate_min_p"]
+__all__ = ["apply_guidance", "guidance_scale", "keep_source_tokens", "mask_ratio", "maskgit_decode"]
