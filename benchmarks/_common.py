@@ -71,7 +71,7 @@ def pixel_judge(x_pool: torch.Tensor, y_pool):
 
 
 # The generation settings that act when MAGE renders a representation (no RDM, nothing kept from a source).
-RENDER_SETTINGS = ("cfg", "temperature", "num_iter", "token_temperature", "best_of")
+RENDER_SETTINGS = ("cfg", "temperature", "num_iter", "token_temperature")
 
 
 def render_own(pipe, x: torch.Tensor, settings, *, generator: torch.Generator, batch: int) -> torch.Tensor:

@@ -60,8 +60,7 @@ class RCGAugment(ImageOnlyTransform):
         model: a named model (``"digits-tiny"``), a directory written by
             ``RCGPipeline.save_pretrained``, or an ``RCGPipeline`` (not serialisable by
             ``A.to_dict``). Names and directories load lazily, once per process and device.
-        cfg, temperature, num_iter, rdm_steps, repaint_fraction, token_temperature, best_of: generation
-            overrides (None: the
+        cfg, temperature, num_iter, rdm_steps, repaint_fraction, token_temperature: generation overrides (None: the
             model's defaults); see :class:`rcg_augment.RCGAugment`.
         device: where the model runs ("cpu" by default for names and directories).
         p: probability of applying the transform.
@@ -79,7 +78,6 @@ class RCGAugment(ImageOnlyTransform):
         rdm_steps: int | None
         repaint_fraction: float | None
         token_temperature: float | None
-        best_of: int | None
         device: str | None
 
         @field_validator("noise_level", mode="before")
@@ -103,7 +101,7 @@ class RCGAugment(ImageOnlyTransform):
             )
 
         @field_validator("cfg", "temperature", "num_iter", "rdm_steps", "repaint_fraction", "token_temperature",
-                         "best_of", mode="before")
+                         mode="before")
         @classmethod
         def _settings(cls, value: Any, info) -> Any:
             try:
@@ -120,14 +118,13 @@ class RCGAugment(ImageOnlyTransform):
         self, noise_level: float | tuple[float, float] = DEFAULT_NOISE_LEVEL, *, model: str | os.PathLike | RCGPipeline = "digits-tiny",
         cfg: float | None = None, temperature: float | None = None, num_iter: int | None = None,
         rdm_steps: int | None = None, repaint_fraction: float | None = None, token_temperature: float | None = None,
-        best_of: int | None = None, device: str | None = None, p: float = 1.0,
+        device: str | None = None, p: float = 1.0,
     ) -> None:
         super().__init__(p=p)
         self.noise_level = noise_level
         self.model = model
         self.cfg, self.temperature, self.num_iter, self.rdm_steps = cfg, temperature, num_iter, rdm_steps
         self.repaint_fraction, self.token_temperature = repaint_fraction, token_temperature
-        self.best_of = best_of
         self.device = device
         # Outside the pydantic schema: the zoo's FileNotFoundError for a missing model must
         # surface as it is (albumentations turns other exceptions in a schema into warnings).
@@ -135,7 +132,7 @@ class RCGAugment(ImageOnlyTransform):
 
     def get_transform_init_args_names(self) -> tuple[str, ...]:
         return ("noise_level", "model", "cfg", "temperature", "num_iter", "rdm_steps", "repaint_fraction",
-                "token_temperature", "best_of", "device")
+                "token_temperature", "device")
 
     def to_dict_private(self) -> dict[str, Any]:
         if not self._model.serialisable:
@@ -157,7 +154,7 @@ class RCGAugment(ImageOnlyTransform):
     def _settings(self) -> GenerationSettings:
         return GenerationSettings(cfg=self.cfg, temperature=self.temperature, num_iter=self.num_iter,
                                   rdm_steps=self.rdm_steps, repaint_fraction=self.repaint_fraction,
-                                  token_temperature=self.token_temperature, best_of=self.best_of)
+                                  token_temperature=self.token_temperature)
 
     def get_params_dependent_on_data(self, params: dict[str, Any], data: dict[str, Any]) -> dict[str, Any]:
         n = 1

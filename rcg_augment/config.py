@@ -39,8 +39,8 @@ class SamplingDefaults(GenerationSettings):
     :class:`~rcg_augment.settings.GenerationSettings` (so a new setting is a model default too),
     validated the same way; every one can be overridden per call. None falls back to the MAGE /
     RDM configs (``temperature``, ``num_iter``; ``rdm_steps`` from ``rdm.sampling_steps``,
-    ``eta``) or to the official decoding (``repaint_fraction`` 1, a full repaint;
-    ``token_temperature`` 1, codes drawn as MAGE rates them; ``best_of`` 1, one draw kept)."""
+    ``eta``) or to 1.0 (``repaint_fraction``, the official full repaint; ``token_temperature``, the
+    official sampling)."""
 
     cfg: float | None = 0.0
 

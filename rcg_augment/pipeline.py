@@ -364,7 +364,6 @@ class RCGPipeline(nn.Module):
         self, rep: torch.Tensor, *, generator: torch.Generator | None = None, cfg: float | None = None,
         temperature: float | None = None, num_iter: int | None = None, source: torch.Tensor | None = None,
         repaint_fraction: float | None = None, token_temperature: float | None = None,
-        best_of: int | None = None,
     ) -> torch.Tensor:
         """Representations (B, rep_dim) -> images (B, C, image_size, image_size) in [0, 1].
 
@@ -373,31 +372,20 @@ class RCGPipeline(nn.Module):
         masked, and paints only those.
         """
         s = self.resolve_settings(cfg=cfg, temperature=temperature, num_iter=num_iter,
-                                  repaint_fraction=repaint_fraction, token_temperature=token_temperature,
-                                  best_of=best_of)
+                                  repaint_fraction=repaint_fraction, token_temperature=token_temperature)
         rep = rep.to(self.device, torch.float32)
         generator = derive_generator(generator, self.device)
-        n = s.best_of
         with self._autocast():
             start = None
             if source is not None and s.repaint_fraction < FULL_REPAINT:
                 source = self._resize(source.to(self.device, torch.float32), (self.image_size, self.image_size))
-                codes = self.tokenizer.encode(source).flatten(1).repeat_interleave(n, 0)
+                codes = self.tokenizer.encode(source).flatten(1)
                 start = keep_source_tokens(codes, s.repaint_fraction, self.config.mage.mask_token_id,
                                            generator=generator)
-            tokens = maskgit_decode(self.mage, rep.repeat_interleave(n, 0), num_iter=s.num_iter,
-                                    temperature=s.temperature, cfg=s.cfg, generator=generator, start_tokens=start,
-                                    token_temperature=s.token_temperature)
-            images = self.tokenizer.decode(tokens).float().clamp(0, 1)
-        return images if n == 1 else self._closest_rendering(images, rep, n)
-
-    def _closest_rendering(self, images: torch.Tensor, rep: torch.Tensor, n: int) -> torch.Tensor:
-        """Of each row's ``n`` consecutive renderings in ``images`` (B * n, C, H, W), the one whose
-        representation has the highest cosine similarity to that row of ``rep`` (B, rep_dim); the
-        first of equals."""
-        candidates = images.view(rep.shape[0], n, *images.shape[1:])
-        similarity = F.cosine_similarity(self.encode(images).view(rep.shape[0], n, -1), rep[:, None], dim=-1)
-        return candidates[torch.arange(rep.shape[0], device=rep.device), similarity.argmax(dim=1)]
+            tokens = maskgit_decode(self.mage, rep, num_iter=s.num_iter, temperature=s.temperature, cfg=s.cfg,
+                                    generator=generator, start_tokens=start, token_temperature=s.token_temperature)
+            images = self.tokenizer.decode(tokens)
+        return images.float().clamp(0, 1)
 
     # ----------------------------------------------------------------- user-facing
     @torch.inference_mode()
@@ -406,7 +394,6 @@ class RCGPipeline(nn.Module):
         generator: torch.Generator | None = None, cfg: float | None = None, temperature: float | None = None,
         num_iter: int | None = None, rdm_steps: int | None = None, eta: float | None = None,
         repaint_fraction: float | None = None, token_temperature: float | None = None,
-        best_of: int | None = None,
     ) -> torch.Tensor:
         """New images with the same semantics: encode, renoise + denoise the representation, render.
 
@@ -425,9 +412,6 @@ class RCGPipeline(nn.Module):
                 tokens, so variants stay closer to their source (see ``GenerationSettings``).
             token_temperature: temperature of MAGE's draw of each code, > 0: 1 is the official
                 sampling; lower follows the representation more faithfully, with less variety.
-            best_of: renderings drawn per image, >= 1; the one whose re-encoded representation
-                is closest (cosine) to the one it was rendered from is kept (1: the official
-                single draw; see ``GenerationSettings``).
 
         Returns:
             A float tensor of the input's shape, in [0, 1].
@@ -438,13 +422,12 @@ class RCGPipeline(nn.Module):
         size = tuple(images.shape[-2:])
         s = self.resolve_settings(cfg=cfg, temperature=temperature, num_iter=num_iter, rdm_steps=rdm_steps,
                                   eta=eta, repaint_fraction=repaint_fraction,
-                                  token_temperature=token_temperature, best_of=best_of)  # validates early
+                                  token_temperature=token_temperature)  # validates early
         rep = self.encode(images)
         rep = self.denoise_representations(rep, noise_level, generator=generator, rdm_steps=s.rdm_steps, eta=s.eta)
         out = self.render(rep, generator=generator, cfg=s.cfg, temperature=s.temperature, num_iter=s.num_iter,
                           source=images if s.repaint_fraction < FULL_REPAINT else None,
-                          repaint_fraction=s.repaint_fraction, token_temperature=s.token_temperature,
-                          best_of=s.best_of)
+                          repaint_fraction=s.repaint_fraction, token_temperature=s.token_temperature)
         return self._resize(out, size)
 
     @torch.inference_mode()
@@ -452,13 +435,12 @@ class RCGPipeline(nn.Module):
         self, n: int, *, generator: torch.Generator | None = None, cfg: float | None = None,
         temperature: float | None = None, num_iter: int | None = None, rdm_steps: int | None = None,
         eta: float | None = None, token_temperature: float | None = None,
-        best_of: int | None = None,
     ) -> torch.Tensor:
         """``n`` unconditional samples: the RDM samples representations, MAGE renders them."""
         if n < 0:
             raise ValueError(f"`n` must be >= 0, got {n}")
         s = self.resolve_settings(cfg=cfg, temperature=temperature, num_iter=num_iter, rdm_steps=rdm_steps, eta=eta,
-                                  token_temperature=token_temperature, best_of=best_of)
+                                  token_temperature=token_temperature)
         if n == 0:
             return torch.zeros(0, self.in_channels, self.image_size, self.image_size, device=self.device)
         gen = derive_generator(generator, self.device)
@@ -466,14 +448,13 @@ class RCGPipeline(nn.Module):
         with self._autocast():
             rep = sampler.sample(self.rdm, (n, self.config.rdm.rep_dim), generator=gen, device=self.device).float()
         return self.render(rep, generator=gen, cfg=cfg, temperature=temperature, num_iter=num_iter,
-                           token_temperature=token_temperature, best_of=best_of)
+                           token_temperature=token_temperature)
 
     @torch.inference_mode()
     def interpolate(
         self, a: torch.Tensor, b: torch.Tensor, alphas, *, generator: torch.Generator | None = None,
         cfg: float | None = None, temperature: float | None = None, num_iter: int | None = None,
         token_temperature: float | None = None,
-        best_of: int | None = None,
     ) -> torch.Tensor:
         """Images along the path between the representations of ``a`` and ``b``.
 
@@ -498,7 +479,7 @@ class RCGPipeline(nn.Module):
             mix = (mix - mix.mean(-1, keepdim=True)) / mix.std(-1, keepdim=True).clamp(min=1e-6)
             g = None if seed is None else torch.Generator(device=self.device).manual_seed(seed)
             out = self.render(mix, generator=g, cfg=cfg, temperature=temperature, num_iter=num_iter,
-                              token_temperature=token_temperature, best_of=best_of)
+                              token_temperature=token_temperature)
             frames.append(self._resize(out, tuple(a.shape[-2:])))
         return torch.stack(frames)
 

@@ -34,8 +34,6 @@ DEFAULT_NOISE_LEVEL = 0.3
 FULL_REPAINT = 1.0
 # MAGE's codes sampled from its logits as they are (the official decoding).
 OFFICIAL_TOKEN_TEMPERATURE = 1.0
-# One rendering per variant, kept whatever it looks like (the official decoding).
-SINGLE_DRAW = 1
 # Seeds drawn for a call's torch.Generator (a transform's per-call seed, a generator moved to
 # another device) are in [0, SEED_BOUND).
 SEED_BOUND = 2**62
@@ -43,8 +41,7 @@ SEED_BOUND = 2**62
 # done before it: a model's fingerprint and a synthetic cache's identity leave such a setting out
 # while it holds that value (None in a model's saved defaults), so models and caches made before
 # it keep their identity.
-ADDED_LATER: dict[str, Any] = {"repaint_fraction": FULL_REPAINT, "token_temperature": OFFICIAL_TOKEN_TEMPERATURE,
-                               "best_of": SINGLE_DRAW}
+ADDED_LATER: dict[str, Any] = {"repaint_fraction": FULL_REPAINT, "token_temperature": OFFICIAL_TOKEN_TEMPERATURE}
 # Draws per variant when the label filter re-draws rejected variants (rcg_augment.label_filter).
 DEFAULT_MAX_ATTEMPTS = 4
 
@@ -74,7 +71,6 @@ _CHECKS = {
     "repaint_fraction": (_float, lambda v: 0.0 < v <= 1.0,
                          "in (0, 1] (at least the model's mask_ratio_min, 0.5 for the bundled models)"),
     "token_temperature": (_float, lambda v: v > 0, "> 0"),
-    "best_of": (_int, lambda v: v >= 1, ">= 1"),
 }
 
 
@@ -100,12 +96,6 @@ class GenerationSettings:
             > 0. 1 is the official sampling; below 1 the likelier codes win more often, so a
             variant follows its representation (its class) more closely and differs less from
             another variant of the same source; above 1, the reverse.
-        best_of: renderings drawn per variant, >= 1. Each is re-encoded and the one whose
-            representation is most similar (cosine) to the representation it was rendered from
-            is kept: no labels needed, and the renderings that drifted from their
-            representation (their class) are the ones dropped. 1 (the official decoding) keeps
-            the single draw; n costs about n times MAGE's and the tokenizer's work, plus the
-            encoder's on the n renderings.
     """
 
     cfg: float | None = None
@@ -115,7 +105,6 @@ class GenerationSettings:
     eta: float | None = None
     repaint_fraction: float | None = None
     token_temperature: float | None = None
-    best_of: int | None = None
 
     def __post_init__(self) -> None:
         for name, (convert, ok, allowed) in _CHECKS.items():
@@ -158,7 +147,7 @@ class GenerationSettings:
         model_defaults = {
             "cfg": 0.0, "temperature": config.mage.temperature, "num_iter": config.mage.num_iter,
             "rdm_steps": config.rdm.sampling_steps, "eta": config.rdm.eta, "repaint_fraction": FULL_REPAINT,
-            "token_temperature": OFFICIAL_TOKEN_TEMPERATURE, "best_of": SINGLE_DRAW,
+            "token_temperature": OFFICIAL_TOKEN_TEMPERATURE,
         }
         values = {}
         for name, fallback in model_defaults.items():
@@ -181,4 +170,4 @@ class GenerationSettings:
         return self
 
 
-__all__ = ["ADDED_LATER", "DEFAULT_MAX_ATTEMPTS", "DEFAULT_NOISE_LEVEL", "FULL_REPAINT", "OFFICIAL_TOKEN_TEMPERATURE", "SEED_BOUND", "SINGLE_DRAW", "GenerationSettings"]
+__all__ = ["ADDED_LATER", "DEFAULT_MAX_ATTEMPTS", "DEFAULT_NOISE_LEVEL", "FULL_REPAINT", "OFFICIAL_TOKEN_TEMPERATURE", "SEED_BOUND", "GenerationSettings"]

@@ -84,9 +84,6 @@ class RCGAugment(FrontEnd, Transform):
         token_temperature: temperature of MAGE's draw of each code, > 0 (None: the model's
             default). 1 is the official sampling; lower keeps variants closer to their
             representation's class, with less variety.
-        best_of: renderings drawn per image, >= 1 (None: the model's default); the one whose
-            re-encoded representation is closest to the one it was rendered from is kept. 1 is
-            the official single draw.
         device: where the model runs (default "cpu" for names/directories, the pipeline's own
             device for an object, which is moved if ``device`` is given). Inputs on other devices
             are moved there and back. CUDA cannot be used in forked DataLoader workers: on a GPU,
@@ -108,14 +105,13 @@ class RCGAugment(FrontEnd, Transform):
         self, noise_level: float | tuple[float, float] = DEFAULT_NOISE_LEVEL, *, model: str | os.PathLike | RCGPipeline = "digits-tiny",
         p: float = 1.0, cfg: float | None = None, temperature: float | None = None, num_iter: int | None = None,
         rdm_steps: int | None = None, repaint_fraction: float | None = None, token_temperature: float | None = None,
-        best_of: int | None = None, device: str | torch.device | None = None, seed: int | None = None,
+        device: str | torch.device | None = None, seed: int | None = None,
     ) -> None:
         super().__init__()
         self.noise_level = check_noise_level(noise_level)
         self.p = check_probability(p)
         self._settings = GenerationSettings(cfg=cfg, temperature=temperature, num_iter=num_iter, rdm_steps=rdm_steps,
-                                            repaint_fraction=repaint_fraction, token_temperature=token_temperature,
-                                            best_of=best_of)
+                                            repaint_fraction=repaint_fraction, token_temperature=token_temperature)
         self._model = ModelHandle(model, device)
         self._random = RandomSource(seed)
 

@@ -101,7 +101,7 @@ def test_to_dict_from_dict_round_trip(gray_dir, tmp_path):
     assert entry == {"__class_fullname__": "rcg_augment.albumentations.RCGAugment", "p": 0.8,
                      "noise_level": [0.1, 0.4], "model": gray_dir, "cfg": None, "temperature": None,
                      "num_iter": 2, "rdm_steps": 2, "repaint_fraction": None, "token_temperature": None,
-                     "best_of": None, "device": None}
+                     "device": None}
     path = tmp_path / "pipeline.json"
     A.save(tf, str(path))
     for restored in (A.from_dict(json.loads(json.dumps(data))), A.load(str(path))):

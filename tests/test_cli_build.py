@@ -173,12 +173,11 @@ def test_label_filter_and_repaint_fraction_flags(capsys, folder, model_dir, tmp_
     out = tmp_path / "cache"
     code, text, err = run(capsys, "--input", folder, "--out", out, "--model", model_dir, "--variants", 2,
                           "--noise-level", 0.3, "--repaint-fraction", 0.6, "--label-filter", "--max-attempts", 2,
-                          "--token-temperature", 0.8, "--best-of", 2, *FAST)
+                          "--token-temperature", 0.8, *FAST)
     assert code == 0, err
     assert "label filter" in text and "per class: left" in text and "--max-attempts 2" in text
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["generation"]["repaint_fraction"] == 0.6 and manifest["generation"]["token_temperature"] == 0.8
-    assert manifest["generation"]["best_of"] == 2
     assert manifest["generation"]["label_filter"]["max_attempts"] == 2
     assert set(manifest["label_filter_draws"]) == {"left", "right"}
     code, _, err = run(capsys, "--input", folder, "--out", tmp_path / "x", "--model", model_dir, "--variants", 1,

@@ -25,8 +25,6 @@ def pipe():
     ({"repaint_fraction": 0.0}, ValueError, r"`repaint_fraction` must be in \(0, 1\]"),
     ({"repaint_fraction": 1.5}, ValueError, "repaint_fraction"),
     ({"token_temperature": 0.0}, ValueError, "`token_temperature` must be > 0"),
-    ({"best_of": 0}, ValueError, "`best_of` must be >= 1"),
-    ({"best_of": 2.0}, TypeError, "`best_of` must be an int"),
 ])
 def test_invalid_values_name_the_setting(kwargs, error, match):
     with pytest.raises(error, match=match):
@@ -38,7 +36,7 @@ def test_resolve_fills_from_the_model(pipe):
     m, r = pipe.config.mage, pipe.config.rdm
     assert s == GenerationSettings(cfg=0.0, temperature=m.temperature, num_iter=m.num_iter,
                                    rdm_steps=r.sampling_steps, eta=r.eta, repaint_fraction=1.0,
-                                   token_temperature=1.0, best_of=1)
+                                   token_temperature=1.0)
     assert GenerationSettings(num_iter=3).resolve(pipe.config).num_iter == 3
     with pytest.raises(ValueError, match=r"`rdm_steps` must be in \[1, 1000\]"):
         GenerationSettings(rdm_steps=1001).resolve(pipe.config)
@@ -117,28 +115,8 @@ def test_token_temperature_one_is_the_official_sampling_and_lower_sharpens_it(pi
     assert not torch.equal(c, d)
 
 
-def test_best_of_one_is_the_single_draw_and_more_keep_the_closest_rendering(pipe):
-    x = torch.rand(4, 1, 20, 20, generator=torch.Generator().manual_seed(0))
-
-    def run(seed, **kw):
-        return pipe.reconstruct(x, 0.3, generator=torch.Generator().manual_seed(seed), **FAST, **kw)
-
-    torch.testing.assert_close(run(1, best_of=1), run(1), rtol=0, atol=0)
-    torch.testing.assert_close(run(1, best_of=3), run(1, best_of=3), rtol=0, atol=0)  # seeded
-    assert not torch.equal(run(1, best_of=3), run(1))
-    # render with n draws = the n single draws of the repeated representations, of which each
-    # row keeps the one whose representation is most similar to its own
-    rep = pipe.encode(x)
-    kept = pipe.render(rep, generator=torch.Generator().manual_seed(2), best_of=3, num_iter=2)
-    every = pipe.render(rep.repeat_interleave(3, 0), generator=torch.Generator().manual_seed(2), num_iter=2)
-    sim = torch.nn.functional.cosine_similarity(pipe.encode(every).view(4, 3, -1), rep[:, None], dim=-1)
-    torch.testing.assert_close(kept, every.view(4, 3, *every.shape[1:])[torch.arange(4), sim.argmax(1)],
-                               rtol=0, atol=0)
-    assert sim.max(1).values.mean() > sim[:, 0].mean()  # what the selection buys, on this draw
-
-
 def test_transforms_pass_the_knob(pipe):
-    aug = RCGAugment(0.3, model=pipe, seed=0, repaint_fraction=0.5, token_temperature=0.8, best_of=2, **FAST)
+    aug = RCGAugment(0.3, model=pipe, seed=0, repaint_fraction=0.5, token_temperature=0.8, **FAST)
     assert "repaint_fraction=0.5" in repr(aug)
     x = torch.rand(2, 1, 16, 16, generator=torch.Generator().manual_seed(0))
     calls = []
@@ -154,11 +132,9 @@ def test_transforms_pass_the_knob(pipe):
     finally:
         del pipe.reconstruct
     assert calls and calls[0]["repaint_fraction"] == 0.5 and calls[0]["token_temperature"] == 0.8
-    assert calls[0]["best_of"] == 2
     with pytest.raises(ValueError, match="repaint_fraction"):
         RCGAugment(0.3, model=pipe, repaint_fraction=2.0)
     from rcg_augment.albumentations import RCGAugment as ARCGAugment
 
     assert ARCGAugment(0.3, model=pipe, repaint_fraction=0.6).repaint_fraction == 0.6
     assert ARCGAugment(0.3, model=pipe, token_temperature=0.7)._settings.token_temperature == 0.7
-    assert ARCGAugment(0.3, model=pipe, best_of=3)._settings.best_of == 3

@@ -87,9 +87,6 @@ def register(subparsers) -> None:
     g.add_argument("--token-temperature", type=float, metavar="T",
                    help="temperature of MAGE's draw of each code (> 0): 1 is the official sampling, lower keeps "
                    "variants closer to their class with less variety")
-    g.add_argument("--best-of", type=_positive_int, metavar="N",
-                   help="renderings drawn per variant; the one whose re-encoded representation is closest to the "
-                   "one it was rendered from is kept (1: the official single draw)")
     p.add_argument("--quality-threshold", type=float, metavar="T",
                    help="drop variants whose representation's cosine similarity to the source's is below T")
     p.add_argument("--label-filter", action="store_true",
@@ -144,8 +141,7 @@ def run(args) -> int:
             source, args.out, variants_per_image=args.variants, noise_level=args.noise_level,
             pipeline=args.model, batch_size=args.batch_size, seed=args.seed, cfg=args.cfg,
             temperature=args.temperature, num_iter=args.num_iter, rdm_steps=args.rdm_steps,
-            repaint_fraction=args.repaint_fraction, token_temperature=args.token_temperature,
-            best_of=args.best_of, shots=args.shots, quality_threshold=args.quality_threshold,
+            repaint_fraction=args.repaint_fraction, token_temperature=args.token_temperature, shots=args.shots, quality_threshold=args.quality_threshold,
             label_filter=args.label_filter, max_attempts=args.max_attempts, overwrite=args.overwrite,
             progress=not args.no_progress,
             process_index=process_index, num_processes=num_processes, records_per_shard=args.records_per_shard,

@@ -206,7 +206,7 @@ def build_synthetic(
     source, out_dir: str | os.PathLike, *, variants_per_image: int, noise_level: float | Sequence[float],
     pipeline, batch_size: int = 64, seed: int = 0, cfg: float | None = None, temperature: float | None = None,
     num_iter: int | None = None, rdm_steps: int | None = None, repaint_fraction: float | None = None,
-    token_temperature: float | None = None, best_of: int | None = None, shots: int | None = None, quality_threshold: float | None = None, label_filter: bool = False,
+    token_temperature: float | None = None, shots: int | None = None, quality_threshold: float | None = None, label_filter: bool = False,
     max_attempts: int = DEFAULT_MAX_ATTEMPTS, overwrite: bool = False, progress: bool = True,
     process_index: int = 0, num_processes: int = 1, records_per_shard: int | None = None,
     device: str | torch.device | None = None, barrier: Callable[[], None] | None = None,
@@ -222,8 +222,8 @@ def build_synthetic(
         batch_size: records per ``pipeline.reconstruct`` call (part of the cache's identity: a
             different batch size draws different noise).
         seed: seeds the few-shot draw and every generator.
-        cfg, temperature, num_iter, rdm_steps, repaint_fraction, token_temperature, best_of: generation
-            settings (None: the model's defaults; see :class:`~rcg_augment.settings.GenerationSettings`).
+        cfg, temperature, num_iter, rdm_steps, repaint_fraction, token_temperature: generation settings (None: the
+            model's defaults; see :class:`~rcg_augment.settings.GenerationSettings`).
         shots: keep this many images per class (drawn with ``seed``); None keeps all.
         quality_threshold: in [-1, 1]; re-encode each variant and drop it when the cosine
             similarity of its representation to its source's is below this. None: keep all.
@@ -291,8 +291,7 @@ def build_synthetic(
     pipe, model_name = _resolve_pipeline(pipeline, device)
     resolved = pipe.resolve_settings(cfg=cfg, temperature=temperature, num_iter=num_iter, rdm_steps=rdm_steps,
                                      repaint_fraction=repaint_fraction,
-                                     token_temperature=token_temperature,
-                                     best_of=best_of)  # validated, defaults resolved
+                                     token_temperature=token_temperature)  # validated, defaults resolved
     settings = identity_settings(resolved.to_dict())
     size, channels = pipe.image_size, pipe.in_channels
     sel = _select_sources(source, shots, seed, size, channels)
@@ -310,8 +309,7 @@ def build_synthetic(
         "generation": {"variants_per_image": K, "noise_levels": levels, **settings,
                        "requested": identity_settings({
                            "cfg": cfg, "temperature": temperature, "num_iter": num_iter, "rdm_steps": rdm_steps,
-                           "repaint_fraction": repaint_fraction, "token_temperature": token_temperature,
-                           "best_of": best_of},
+                           "repaint_fraction": repaint_fraction, "token_temperature": token_temperature},
                            requested=True),
                        **({"label_filter": {"prototypes": "mean representation of each class's sources",
                                             "max_attempts": int(max_attempts)}} if label_filter else {})},

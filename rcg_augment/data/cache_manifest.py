@@ -103,8 +103,7 @@ def check_plan(out_dir: Path, plan: dict) -> None:
 def identity_settings(settings: dict, *, requested: bool = False) -> dict:
     """Generation settings as a cache records them: resolved (every field), or (``requested``)
     as the caller gave them, None where not given. A setting added later (``ADDED_LATER``:
-    ``repaint_fraction``, ``token_temperature``, ``best_of``) is left out at the value that does what was done
-    before it (1; also
+    ``repaint_fraction``, ``token_temperature``) is left out at the value that does what was done before it (1.0; also
     None when ``requested``), so caches built before it existed keep their identity."""
     out = dict(settings)
     for name, value in ADDED_LATER.items():
