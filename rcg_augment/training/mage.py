@@ -99,11 +99,16 @@ class MAGEStage(Stage):
             trains with the model's ``mage.label_smoothing`` (0.1 in every preset, as the official
             training). A value rewrites that config field, so the saved model records what its
             weights were last trained with and a later fine-tune keeps it.
+        dropout: dropout of every MAGE layer (embeddings, attention, MLPs), in [0, 1); None trains
+            with the model's ``mage.dropout`` / ``mage.attn_dropout`` (0.1 in every preset, as the
+            official training). A value rewrites both config fields, like ``label_smoothing``.
+            Dropout acts only in training: the same weights sample identically either way.
     """
 
     crop_scale: tuple[float, float] | None = None
     hflip: bool = False
     label_smoothing: float | None = None
+    dropout: float | None = None
 
     name = "mage"
     network = "mage"
@@ -118,24 +123,35 @@ class MAGEStage(Stage):
     def __post_init__(self) -> None:
         if self.crop_scale is not None:
             self.crop_scale = tuple(float(s) for s in self.crop_scale)
-        if self.label_smoothing is not None:
-            v = self.label_smoothing
+        for name in ("label_smoothing", "dropout"):
+            v = getattr(self, name)
+            if v is None:
+                continue
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0.0 <= v < 1.0:
-                raise ValueError(f"`label_smoothing` must be a number in [0, 1) or None, got {v!r}")
-            self.label_smoothing = float(v)
+                raise ValueError(f"`{name}` must be a number in [0, 1) or None, got {v!r}")
+            setattr(self, name, float(v))
 
     def options(self) -> dict:
         # Unset, the option is left out of the run's record, so runs recorded before it existed
         # still resume and still count as finished.
         out = super().options()
-        if self.label_smoothing is None:
-            out.pop("label_smoothing", None)
+        for name in ("label_smoothing", "dropout"):
+            if getattr(self, name) is None:
+                out.pop(name, None)
         return out
 
     def build(self, pipe: RCGPipeline) -> nn.Module:
+        changes = {}
         if self.label_smoothing is not None:
+            changes["label_smoothing"] = self.label_smoothing
+        if self.dropout is not None:
+            changes.update(dropout=self.dropout, attn_dropout=self.dropout)
+            for module in pipe.mage.modules():
+                if isinstance(module, nn.Dropout):  # embeddings, attention (fused: reads .p), MLPs
+                    module.p = self.dropout
+        if changes:
             # A new config object (a preset's may be shared), set on the pipeline and its MAGE.
-            config = dataclasses.replace(pipe.mage.config, label_smoothing=self.label_smoothing)
+            config = dataclasses.replace(pipe.mage.config, **changes)
             pipe.config.mage = config
             pipe.mage.config = config
         pipe.mage.requires_grad_(True)

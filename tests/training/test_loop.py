@@ -191,3 +191,31 @@ def test_mage_label_smoothing_option_is_saved_and_checked(tmp_path):
     from rcg_augment.models import MAGE_PRESETS
 
     assert MAGE_PRESETS["tiny"].label_smoothing == 0.1
+
+
+def test_mage_dropout_option_turns_dropout_off_and_is_saved(tmp_path):
+    """MAGEStage(dropout=0) trains without dropout (two training-mode forwards agree) and the
+    saved config records it for both fields; a bad value is refused up front."""
+    pipe = micro_pipeline()
+    assert pipe.config.mage.dropout > 0 and pipe.config.mage.attn_dropout > 0
+    tokens = torch.randint(0, pipe.config.mage.codebook_size, (2, pipe.config.mage.num_tokens))
+    rep = torch.randn(2, pipe.config.mage.rep_dim)
+    model = MAGEStage(dropout=0.0).build(pipe).train()
+    with torch.no_grad():
+        assert torch.equal(model.mage(tokens, rep), model.mage(tokens, rep))
+    noisy = MAGEStage(dropout=0.5).build(micro_pipeline()).train()
+    with torch.no_grad():
+        assert not torch.equal(noisy.mage(tokens, rep), noisy.mage(tokens, rep))
+    res = train_stage("mage", digits_source(), tmp_path, init=micro_pipeline(), steps=1, dropout=0.0, **FAST)
+    assert res.completed
+    saved = RCGPipeline.from_pretrained(tmp_path)
+    assert saved.config.mage.dropout == 0.0 and saved.config.mage.attn_dropout == 0.0
+    assert all(m.p == 0.0 for m in saved.mage.modules() if isinstance(m, torch.nn.Dropout))
+    for bad in (1.0, -0.1, "0", True):
+        with pytest.raises(ValueError, match="dropout"):
+            MAGEStage(dropout=bad)
+    assert "dropout" not in MAGEStage().options()
+    assert MAGEStage(dropout=0.0).options()["dropout"] == 0.0
+    from rcg_augment.models import MAGE_PRESETS
+
+    assert MAGE_PRESETS["tiny"].dropout == 0.1
