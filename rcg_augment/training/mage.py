@@ -110,6 +110,9 @@ class MAGEStage(Stage):
     label_smoothing: float | None = None
     dropout: float | None = None
 
+    # Options that rewrite a MAGE config field for the run: a number in [0, 1), None = the model's.
+    _CONFIG_OPTIONS = ("label_smoothing", "dropout")
+
     name = "mage"
     network = "mage"
     lr_scaling = "per256"
@@ -123,7 +126,7 @@ class MAGEStage(Stage):
     def __post_init__(self) -> None:
         if self.crop_scale is not None:
             self.crop_scale = tuple(float(s) for s in self.crop_scale)
-        for name in ("label_smoothing", "dropout"):
+        for name in self._CONFIG_OPTIONS:
             v = getattr(self, name)
             if v is None:
                 continue
@@ -135,7 +138,7 @@ class MAGEStage(Stage):
         # Unset, the option is left out of the run's record, so runs recorded before it existed
         # still resume and still count as finished.
         out = super().options()
-        for name in ("label_smoothing", "dropout"):
+        for name in self._CONFIG_OPTIONS:
             if getattr(self, name) is None:
                 out.pop(name, None)
         return out
