@@ -77,6 +77,39 @@ def mage_training_loss(
     return (ce * weights).sum() / weights.sum()
 
 
+def deepen_mage(mage: MAGE, depth: int | None = None, decoder_depth: int | None = None) -> MAGE:
+    """A deeper copy of ``mage`` that computes exactly the same logits (and is no longer tied to it).
+
+    Each new block goes right after an existing one (spread evenly, so 4 -> 8 follows every block
+    with one new block) as a copy of it with its two residual output projections (attention
+    ``proj`` and MLP ``fc2``) zeroed: a new block passes its input through unchanged until training
+    moves those projections. ``depth`` / ``decoder_depth`` are the encoder and decoder block counts
+    wanted (None: keep); asking for fewer blocks than the model has is an error.
+    """
+    c = mage.config
+    wanted = {"blocks": (c.depth, depth, "depth"), "decoder_blocks": (c.decoder_depth, decoder_depth, "decoder_depth")}
+    for have, want, field in wanted.values():
+        if want is not None and (isinstance(want, bool) or not isinstance(want, int) or want < have):
+            raise ValueError(f"`{field}` must be an int >= the model's {have} blocks (blocks are only added), "
+                             f"got {want!r}")
+    new_depth = {field: have if want is None else want for have, want, field in wanted.values()}
+    grown = MAGE(dataclasses.replace(c, **new_depth)).to(next(mage.parameters()).device)
+    kept = {k: v for k, v in mage.state_dict().items() if not k.startswith(("blocks.", "decoder_blocks."))}
+    grown.load_state_dict(kept, strict=False)
+    for name, (have, _, field) in wanted.items():
+        old, new, total = getattr(mage, name), getattr(grown, name), new_depth[field]
+        j = 0
+        for i, block in enumerate(old):
+            for k in range(round((i + 1) * total / have) - round(i * total / have)):
+                new[j].load_state_dict(block.state_dict())
+                if k:  # an added block: the identity until trained
+                    for proj in (new[j].attn.proj, new[j].mlp.fc2):
+                        nn.init.zeros_(proj.weight)
+                        nn.init.zeros_(proj.bias)
+                j += 1
+    return grown
+
+
 class MAGELoss(nn.Module):
     """``forward(tokens, rep, generator)`` = :func:`mage_training_loss` (so DDP sees a forward)."""
 
@@ -103,15 +136,28 @@ class MAGEStage(Stage):
             with the model's ``mage.dropout`` / ``mage.attn_dropout`` (0.1 in every preset, as the
             official training). A value rewrites both config fields, like ``label_smoothing``.
             Dropout acts only in training: the same weights sample identically either way.
+        rep_drop_prob: how often a training example's representation is replaced by the learned
+            ``fake_latent`` (what guidance's unconditional logits learn from), in [0, 1); None
+            trains with the model's ``mage.rep_drop_prob`` (0.1 in every preset, as the official
+            training). A value rewrites that config field, like ``label_smoothing``.
+        depth, decoder_depth: grow MAGE to this many encoder / decoder blocks before training
+            (:func:`deepen_mage`: the added blocks start as the identity, so training continues
+            from exactly the model it was given); None keeps the model's. The saved config
+            records the new depth. A resumed run grows the same starting model the same way.
     """
 
     crop_scale: tuple[float, float] | None = None
     hflip: bool = False
     label_smoothing: float | None = None
     dropout: float | None = None
+    rep_drop_prob: float | None = None
+    depth: int | None = None
+    decoder_depth: int | None = None
 
     # Options that rewrite a MAGE config field for the run: a number in [0, 1), None = the model's.
-    _CONFIG_OPTIONS = ("label_smoothing", "dropout")
+    _CONFIG_OPTIONS = ("label_smoothing", "dropout", "rep_drop_prob")
+    # Options that add blocks to the network: a positive int, None = the model's.
+    _GROW_OPTIONS = ("depth", "decoder_depth")
 
     name = "mage"
     network = "mage"
@@ -133,20 +179,28 @@ class MAGEStage(Stage):
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0.0 <= v < 1.0:
                 raise ValueError(f"`{name}` must be a number in [0, 1) or None, got {v!r}")
             setattr(self, name, float(v))
+        for name in self._GROW_OPTIONS:
+            v = getattr(self, name)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+                raise ValueError(f"`{name}` must be a positive int or None, got {v!r}")
 
     def options(self) -> dict:
         # Unset, the option is left out of the run's record, so runs recorded before it existed
         # still resume and still count as finished.
         out = super().options()
-        for name in self._CONFIG_OPTIONS:
+        for name in self._CONFIG_OPTIONS + self._GROW_OPTIONS:
             if getattr(self, name) is None:
                 out.pop(name, None)
         return out
 
     def build(self, pipe: RCGPipeline) -> nn.Module:
+        if self.depth is not None or self.decoder_depth is not None:
+            pipe.mage = deepen_mage(pipe.mage, self.depth, self.decoder_depth)
+            pipe.config.mage = pipe.mage.config
         changes = {}
-        if self.label_smoothing is not None:
-            changes["label_smoothing"] = self.label_smoothing
+        for name in ("label_smoothing", "rep_drop_prob"):
+            if getattr(self, name) is not None:
+                changes[name] = getattr(self, name)
         if self.dropout is not None:
             changes.update(dropout=self.dropout, attn_dropout=self.dropout)
             for module in pipe.mage.modules():
@@ -175,4 +229,4 @@ class MAGEStage(Stage):
             pipe.mage.load_state_dict(ema.state_dict())
 
 
-__all__ = ["MAGELoss", "MAGEStage", "mage_training_loss", "sample_masks", "truncated_normal"]
+__all__ = ["MAGELoss", "MAGEStage", "deepen_mage", "mage_training_loss", "sample_masks", "truncated_normal"]

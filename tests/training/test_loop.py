@@ -18,7 +18,7 @@ from rcg_augment.training.loop import (
     lr_at,
     resolve_lr,
 )
-from rcg_augment.training.mage import MAGEStage
+from rcg_augment.training.mage import MAGEStage, deepen_mage
 from rcg_augment.training.rdm import RDMStage
 from tests.training.helpers import FAST, digits_source, micro_pipeline
 
@@ -182,7 +182,7 @@ def test_mage_label_smoothing_option_is_saved_and_checked(tmp_path):
     assert RCGPipeline.from_pretrained(tmp_path).config.mage.label_smoothing == 0.0
 
 
-@pytest.mark.parametrize("name", ["label_smoothing", "dropout"])
+@pytest.mark.parametrize("name", ["label_smoothing", "dropout", "rep_drop_prob"])
 def test_mage_config_options_are_checked_recorded_and_leave_the_preset(name):
     """A bad value is refused up front; unset, the option stays out of a run's record (records made
     before it existed still match); training with it does not modify the preset's shared config."""
@@ -215,3 +215,66 @@ def test_mage_dropout_option_turns_dropout_off_and_is_saved(tmp_path):
     saved = RCGPipeline.from_pretrained(tmp_path)
     assert saved.config.mage.dropout == 0.0 and saved.config.mage.attn_dropout == 0.0
     assert all(m.p == 0.0 for m in saved.mage.modules() if isinstance(m, torch.nn.Dropout))
+
+
+def test_deepen_mage_adds_identity_blocks():
+    """A grown MAGE gives exactly the logits of the model it came from (conditional and not), its
+    old blocks keep their weights, and shrinking or a non-int depth is refused."""
+    mage = micro_pipeline().mage.eval()
+    for block in list(mage.blocks) + list(mage.decoder_blocks):  # trained-looking: no zero projections
+        torch.nn.init.normal_(block.attn.proj.weight, std=0.1)
+        torch.nn.init.normal_(block.mlp.fc2.weight, std=0.1)
+    grown = deepen_mage(mage, depth=3, decoder_depth=2).eval()
+    assert (grown.config.depth, grown.config.decoder_depth) == (3, 2) and (mage.config.depth, mage.config.decoder_depth) == (1, 1)
+    assert len(grown.blocks) == 3 and len(grown.decoder_blocks) == 2
+    assert torch.equal(grown.blocks[0].attn.qkv.weight, mage.blocks[0].attn.qkv.weight)
+    assert not grown.blocks[1].attn.proj.weight.any() and grown.blocks[1].attn.qkv.weight.any()
+    c = mage.config
+    tokens = torch.randint(0, c.codebook_size, (3, c.num_tokens))
+    tokens[:, ::3] = c.mask_token_id
+    rep = torch.nn.functional.normalize(torch.randn(3, c.rep_dim), dim=1)
+    with torch.no_grad():
+        assert torch.equal(grown(tokens, rep), mage(tokens, rep))
+        assert torch.equal(grown(tokens, None), mage(tokens, None))
+    # a freshly initialised block is not the identity: the check above can fail
+    with torch.no_grad():
+        grown.blocks[2].attn.proj.weight.normal_()
+        assert not torch.equal(grown(tokens, rep), mage(tokens, rep))
+    for bad in ({"depth": 0}, {"decoder_depth": 0}, {"depth": 2.0}):
+        with pytest.raises(ValueError, match="depth"):
+            deepen_mage(mage, **bad)
+
+
+def test_mage_depth_option_grows_saves_and_resumes(tmp_path):
+    """MAGEStage(depth=..., decoder_depth=...) trains the grown network, the saved config records it,
+    and a run stopped and resumed equals the uninterrupted one (the growth is redone exactly)."""
+    for bad in (0, 2.5, "3", True):
+        with pytest.raises(ValueError, match="depth"):
+            MAGEStage(depth=bad)
+    assert "depth" not in MAGEStage().options() and MAGEStage(depth=2).options()["depth"] == 2
+    kw = dict(FAST, steps=4, checkpoint_every=2, warmup_steps=1, depth=2, decoder_depth=2)
+    full = train_stage("mage", digits_source(), tmp_path / "full", init=micro_pipeline(), **kw)
+    first = train_stage("mage", digits_source(), tmp_path / "split", init=micro_pipeline(), max_steps=2, **kw)
+    second = train_stage("mage", digits_source(), tmp_path / "split", init=micro_pipeline(), **kw)
+    assert second.resumed_from == 2 and second.completed
+    assert _losses(first) + _losses(second) == _losses(full)
+    saved = RCGPipeline.from_pretrained(tmp_path / "full")
+    assert (saved.config.mage.depth, saved.config.mage.decoder_depth) == (2, 2)
+    assert saved.fingerprint() == RCGPipeline.from_pretrained(tmp_path / "split").fingerprint()
+    # the added blocks trained: their residual projections moved off zero
+    assert saved.mage.blocks[1].attn.proj.weight.abs().sum() > 0
+
+
+def test_mage_rep_drop_prob_option_controls_the_unconditional_share():
+    """With rep_drop_prob 0 the training loss never uses fake_latent (no gradient reaches it); at
+    the preset's 0.1 some examples of a batch of 64 do."""
+    c = micro_pipeline().config.mage
+    tokens = torch.randint(0, c.codebook_size, (64, c.num_tokens))
+    rep = torch.nn.functional.normalize(torch.randn(64, c.rep_dim), dim=1)
+    grads = {}
+    for value in (0.0, None):
+        model = MAGEStage(rep_drop_prob=value).build(micro_pipeline())
+        model(tokens, rep, generator=torch.Generator().manual_seed(0)).backward()
+        grads[value] = model.mage.fake_latent.grad
+    assert grads[0.0] is None or not grads[0.0].any()
+    assert grads[None] is not None and grads[None].abs().sum() > 0
