@@ -93,7 +93,8 @@ def deepen_mage(mage: MAGE, depth: int | None = None, decoder_depth: int | None 
             raise ValueError(f"`{field}` must be an int >= the model's {have} blocks (blocks are only added), "
                              f"got {want!r}")
     new_depth = {field: have if want is None else want for have, want, field in wanted.values()}
-    grown = MAGE(dataclasses.replace(c, **new_depth)).to(next(mage.parameters()).device)
+    like = next(mage.parameters())
+    grown = MAGE(dataclasses.replace(c, **new_depth)).to(device=like.device, dtype=like.dtype)
     kept = {k: v for k, v in mage.state_dict().items() if not k.startswith(("blocks.", "decoder_blocks."))}
     grown.load_state_dict(kept, strict=False)
     for name, (have, _, field) in wanted.items():
