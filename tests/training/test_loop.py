@@ -20,6 +20,7 @@ from rcg_augment.training.loop import (
 )
 from rcg_augment.training.mage import MAGEStage, deepen_mage
 from rcg_augment.training.rdm import RDMStage
+from rcg_augment.training.stage import StepContext
 from tests.training.helpers import FAST, digits_source, micro_pipeline
 
 
@@ -278,3 +279,33 @@ def test_mage_rep_drop_prob_option_controls_the_unconditional_share():
         grads[value] = model.mage.fake_latent.grad
     assert grads[0.0] is None or not grads[0.0].any()
     assert grads[None] is not None and grads[None].abs().sum() > 0
+
+
+def _context(pipe, model):
+    return StepContext(step=0, total_steps=1, micro=0, generator=torch.Generator().manual_seed(0), accelerator=None,
+                       pipe=pipe, unwrapped=model, ema=None, optimizer=None, seed=0)
+
+
+def test_mage_rep_crop_option_draws_a_second_crop_for_the_representation():
+    """rep_crop='independent' encodes another crop than the one tokenized (so the loss differs from
+    'shared' on the same seed), stays out of the run record when 'shared', and refuses other values."""
+    with pytest.raises(ValueError, match="rep_crop"):
+        MAGEStage(rep_crop="other")
+    assert "rep_crop" not in MAGEStage().options()
+    assert MAGEStage(rep_crop="independent").options()["rep_crop"] == "independent"
+    images = torch.rand(8, 1, 16, 16)
+    losses = {}
+    for mode in ("shared", "independent"):
+        pipe = micro_pipeline()
+        stage = MAGEStage(crop_scale=(0.5, 1.0), rep_crop=mode)
+        model = stage.build(pipe)
+        with torch.no_grad():
+            losses[mode] = stage.loss(model, images, _context(pipe, model))[0].item()
+    assert losses["shared"] != losses["independent"]
+    # without crops or flips there is nothing to draw: the two are the same
+    pipe = micro_pipeline()
+    same = [MAGEStage(rep_crop=mode) for mode in ("shared", "independent")]
+    models = [s.build(pipe) for s in same]
+    with torch.no_grad():
+        got = [s.loss(m, images, _context(pipe, m))[0] for s, m in zip(same, models, strict=True)]
+    assert torch.equal(got[0], got[1])
