@@ -87,27 +87,28 @@ def deepen_mage(mage: MAGE, depth: int | None = None, decoder_depth: int | None 
     wanted (None: keep); asking for fewer blocks than the model has is an error.
     """
     c = mage.config
-    wanted = {"blocks": (c.depth, depth, "depth"), "decoder_blocks": (c.decoder_depth, decoder_depth, "decoder_depth")}
-    for have, want, field in wanted.values():
+    new_depth = {}
+    for field, want in (("depth", depth), ("decoder_depth", decoder_depth)):
+        have = getattr(c, field)
         if want is not None and (isinstance(want, bool) or not isinstance(want, int) or want < have):
             raise ValueError(f"`{field}` must be an int >= the model's {have} blocks (blocks are only added), "
                              f"got {want!r}")
-    new_depth = {field: have if want is None else want for have, want, field in wanted.values()}
+        new_depth[field] = have if want is None else want
     like = next(mage.parameters())
     grown = MAGE(dataclasses.replace(c, **new_depth)).to(device=like.device, dtype=like.dtype)
     kept = {k: v for k, v in mage.state_dict().items() if not k.startswith(("blocks.", "decoder_blocks."))}
     grown.load_state_dict(kept, strict=False)
-    for name, (have, _, field) in wanted.items():
+    for field, name in (("depth", "blocks"), ("decoder_depth", "decoder_blocks")):
         old, new, total = getattr(mage, name), getattr(grown, name), new_depth[field]
-        j = 0
+        slot = 0
         for i, block in enumerate(old):
-            for k in range(round((i + 1) * total / have) - round(i * total / have)):
-                new[j].load_state_dict(block.state_dict())
-                if k:  # an added block: the identity until trained
-                    for proj in (new[j].attn.proj, new[j].mlp.fc2):
+            for copy in range(round((i + 1) * total / len(old)) - round(i * total / len(old))):
+                new[slot].load_state_dict(block.state_dict())
+                if copy:  # an added block: the identity until trained
+                    for proj in (new[slot].attn.proj, new[slot].mlp.fc2):
                         nn.init.zeros_(proj.weight)
                         nn.init.zeros_(proj.bias)
-                j += 1
+                slot += 1
     return grown
 
 
@@ -210,12 +211,9 @@ class MAGEStage(Stage):
         if self.depth is not None or self.decoder_depth is not None:
             pipe.mage = deepen_mage(pipe.mage, self.depth, self.decoder_depth)
             pipe.config.mage = pipe.mage.config
-        changes = {}
-        for name in ("label_smoothing", "rep_drop_prob"):
-            if getattr(self, name) is not None:
-                changes[name] = getattr(self, name)
+        changes = {name: getattr(self, name) for name in self._CONFIG_OPTIONS if getattr(self, name) is not None}
         if self.dropout is not None:
-            changes.update(dropout=self.dropout, attn_dropout=self.dropout)
+            changes["attn_dropout"] = self.dropout
             for module in pipe.mage.modules():
                 if isinstance(module, nn.Dropout):  # embeddings, attention (fused: reads .p), MLPs
                     module.p = self.dropout
