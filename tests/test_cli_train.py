@@ -90,24 +90,28 @@ def test_recipe_continuation_runs_after_its_stage_and_resumes_as_finished(micro_
     assert "mage-continued-2 done: step 6/6" in printed and "mage-continued-3 done: step 5/5" in printed
     # `train mage` runs the recipe's MAGE continuations only (6 follows the encoder's and RDM's 4, 5)
     assert "mage-continued-6 done: step 2/2" in printed and "continued-4" not in printed
-    assert "mage-continued-7 done: step 4/4" in printed
+    assert "mage-continued-7 done: step 4/4" in printed and "continued-8" not in printed
+    assert "mage-continued-10 done: step 6/6" in printed and "mage-continued-11 done: step 3/3" in printed
     records = RCGPipeline.from_pretrained(out).config.metadata["training"]
-    first, cont, cont2, cont3, cont6, cont7 = records[-6:]
+    first, cont, cont2, cont3, cont6, cont7, cont10, cont11 = records[-8:]
     assert cont3["run_name"] == "mage-continued-3" and cont3["continuation"] == 3 and cont3["seed"] == 3
     assert cont6["run_name"] == "mage-continued-6" and cont6["continuation"] == 6 and cont6["seed"] == 6
     assert cont7["run_name"] == "mage-continued-7" and cont7["continuation"] == 7 and cont7["seed"] == 7
+    assert cont10["continuation"] == 10 and cont10["seed"] == 10 and "rep_crop" not in cont10["options"]
+    # the last continuation takes MAGE's training representation from a second crop
+    assert cont11["continuation"] == 11 and cont11["seed"] == 11 and cont11["options"]["rep_crop"] == "independent"
     assert first["stage"] == cont["stage"] == "mage"
     assert "run_name" not in first and first["seed"] == 0
     assert cont["run_name"] == "mage-continued-1" and cont["continuation"] == 1 and cont["seed"] == 1
     assert cont["lr"] == pytest.approx(2 * first["lr"])  # blr 3e-3 after 1.5e-3
     assert cont2["run_name"] == "mage-continued-2" and cont2["continuation"] == 2 and cont2["seed"] == 2
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == [
-        "mage", "mage-continued-1", "mage-continued-2", "mage-continued-3", "mage-continued-6",
-        "mage-continued-7"]
+        "mage", "mage-continued-1", "mage-continued-10", "mage-continued-11", "mage-continued-2",
+        "mage-continued-3", "mage-continued-6", "mage-continued-7"]
     weights = (out / "model.safetensors").read_bytes()
     assert main(args) == 0
     printed = capsys.readouterr().out
-    assert printed.count("already finished") == 6
+    assert printed.count("already finished") == 8
     assert (out / "model.safetensors").read_bytes() == weights
 
 
@@ -123,12 +127,12 @@ def test_recipe_from_a_continuation_starts_at_a_finished_model(micro_dir, tmp_pa
     pipe = RCGPipeline.from_pretrained(out)
     record, *later = pipe.config.metadata["training"]  # the micro start had no training records
     assert record["continuation"] == 3 and record["seed"] == 3 and record["init"] == str(micro_dir)
-    assert [(r["continuation"], r["seed"]) for r in later] == [(6, 6), (7, 7)]
+    assert [(r["continuation"], r["seed"]) for r in later] == [(6, 6), (7, 7), (10, 10), (11, 11)]
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == [
-        "mage-continued-3", "mage-continued-6", "mage-continued-7"]
+        "mage-continued-10", "mage-continued-11", "mage-continued-3", "mage-continued-6", "mage-continued-7"]
     assert main(args) == 0 and "already finished" in capsys.readouterr().out
-    assert main([*args[:7], "9", *args[8:]]) == 1
-    assert "`from_continuation` must be in [1, 7]" in capsys.readouterr().err
+    assert main([*args[:7], "12", *args[8:]]) == 1
+    assert "`from_continuation` must be in [1, 11]" in capsys.readouterr().err
     assert main(["train", "mage", "--recipe", "digits-tiny", "--continuation", "3", "--out",
                  str(tmp_path / "none"), "--no-progress"]) == 1
     assert "needs `init`" in capsys.readouterr().err
@@ -137,21 +141,23 @@ def test_recipe_from_a_continuation_starts_at_a_finished_model(micro_dir, tmp_pa
 
 
 def test_recipe_encoder_continuation_retrains_what_reads_the_representation(micro_dir, tmp_path, capsys):
-    """digits-tiny's continuation 4 trains the encoder further; 5, 6 and 7 then continue the RDM and
-    MAGE on its new representations, in that order, into one folder."""
+    """digits-tiny's continuations 4 and 8 train the encoder further; the RDM and MAGE continuations
+    after each then follow its new representations, in recipe order, into one folder."""
     out = tmp_path / "c4"
     before = RCGPipeline.from_pretrained(micro_dir)
     args = ["train", "all", "--recipe", "digits-tiny", "--init", str(micro_dir), "--continuation", "4",
             "--out", str(out), "--steps-scale", "0.002", "--batch-size", "4", "--no-progress"]
     assert main(args) == 0
     printed = capsys.readouterr().out
-    names = ("encoder-continued-4", "rdm-continued-5", "mage-continued-6", "mage-continued-7")
+    names = ("encoder-continued-4", "rdm-continued-5", "mage-continued-6", "mage-continued-7",
+             "encoder-continued-8", "rdm-continued-9", "mage-continued-10", "mage-continued-11")
     at = [printed.index(f"{name} done") for name in names]
     assert at == sorted(at)
     after = RCGPipeline.from_pretrained(out)
     records = after.config.metadata["training"]
     assert [(r["stage"], r["continuation"], r["seed"]) for r in records] == [
-        ("encoder", 4, 5), ("rdm", 5, 5), ("mage", 6, 6), ("mage", 7, 7)]
+        ("encoder", 4, 5), ("rdm", 5, 5), ("mage", 6, 6), ("mage", 7, 7),
+        ("encoder", 8, 9), ("rdm", 9, 9), ("mage", 10, 10), ("mage", 11, 11)]
     for net in ("encoder", "rdm", "mage"):
         a, b = getattr(before, net).state_dict(), getattr(after, net).state_dict()
         assert any(not torch.equal(a[k], b[k]) for k in a), f"{net} did not change"

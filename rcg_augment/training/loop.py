@@ -327,6 +327,8 @@ def run_training(
     seconds = time.monotonic() - t_start
     record = {"stage": stage.name, "steps": step, "total_steps": config.steps, "completed": completed,
               "effective_batch": effective_batch, "lr": lr, "seed": config.seed, "data": source.name,
+              # the stage's options (crops, flips, MAGE's training options such as rep_crop)
+              "options": settings["options"],
               "num_images": len(source), "final_loss": history[-1]["loss"] if history else None,
               # CPU kernels split their sums by thread count: the same seed on another thread
               # count (or torch build) gives other bytes, so a reproduction needs both
