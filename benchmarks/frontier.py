@@ -20,6 +20,12 @@ Usage:
     python benchmarks/frontier.py --model digits-tiny --seeds 0,1,2 \\
         --settings defaults "cfg=2,token_temperature=1.3" "token_temperature=0.5"
     python benchmarks/frontier.py --quick            # seconds: random tiny model, few images
+    python benchmarks/frontier.py --compare results/frontier_a.json=before results/frontier_b.json=after \
+        --where repaint_fraction=1,cfg=0 --name frontier_before-vs-after   # no model: plot earlier runs
+
+``--compare`` draws earlier runs' rows (those whose resolved settings match ``--where``) as
+curves of own-representation fidelity against variety, one curve per ``FILE[+FILE...]=LABEL``, to
+show whether a change moved the curve or only slid along it.
 
 A setting is ``defaults`` (the model's own) or comma-separated ``name=value`` pairs of
 :class:`rcg_augment.GenerationSettings` fields on top of the model's defaults.
@@ -137,6 +143,83 @@ def plot(rows: list[dict], targets: tuple[float, float, float], path: Path, titl
     plt.close(fig)
 
 
+def select_rows(result: dict, where: dict) -> list[dict]:
+    """The rows of a frontier result whose resolved settings match every ``where`` item."""
+    return [r for r in result["rows"]
+            if all(r["settings"].get(k) == (float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else v)
+                   for k, v in where.items())]
+
+
+def compare_plot(curves: list[tuple[str, list[dict]]], targets: tuple[float, float, float], path: Path,
+                 title: str) -> None:
+    """One curve per run: own-representation fidelity against variety, each point labelled with its
+    token temperature."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7.5, 5))
+    for name, rows in curves:
+        rows = sorted(rows, key=lambda r: r["summary"]["rms_between"]["mean"])
+        xs = [r["summary"]["rms_between"]["mean"] for r in rows]
+        ys = [r["summary"]["own"]["mean"] for r in rows]
+        line = ax.errorbar(xs, ys, xerr=[r["summary"]["rms_between"]["se"] for r in rows],
+                           yerr=[r["summary"]["own"]["se"] for r in rows], marker="o", ms=5, capsize=2, label=name)
+        for r, x, y in zip(rows, xs, ys, strict=True):
+            # the knob that slides a point along its curve
+            ax.annotate(f"T {r['settings']['token_temperature']:g}", (x, y), fontsize=7, xytext=(4, 4),
+                        textcoords="offset points", color=line[0].get_color())
+    own_t, _, rms_t = targets
+    ax.axhline(own_t, ls="--", c="k", lw=0.8)
+    ax.axvline(rms_t, ls="--", c="k", lw=0.8)
+    ax.margins(x=0.15, y=0.15)
+    ax.set_xlabel("RMS between two variants of one source (variety)")
+    ax.set_ylabel("MAGE from the image's own representation: label preservation")
+    ax.legend(fontsize=8)
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def compare(ap: argparse.ArgumentParser, args) -> int:
+    try:
+        where = parse_setting(args.where) if args.where else {}
+    except ValueError as err:
+        ap.error(str(err))
+    curves, lines = [], []
+    for item in args.compare:
+        files, _, name = item.partition("=")
+        rows = []
+        for file in files.split("+"):  # one curve may join several runs' rows
+            try:
+                result = json.loads(Path(file).read_text())
+            except (OSError, ValueError) as err:
+                ap.error(f"--compare {file}: {err}")
+            found = select_rows(result, where)
+            if not found:
+                ap.error(f"--compare {file}: no row matches --where {args.where!r}")
+            rows += found
+            lines += [f"| {name or Path(files).stem} | {r['label']} | {','.join(map(str, result['seeds']))} | "
+                      f"{r['summary']['own']['mean']:.3f} ± {r['summary']['own']['se']:.3f} | "
+                      f"{r['summary']['preservation']['mean']:.3f} | {r['summary']['rms_between']['mean']:.3f} |"
+                      for r in found]
+        curves.append((name or Path(files).stem, rows))
+    targets = tuple(float(v) for v in args.targets.split(","))
+    out_dir = Path(args.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stem = args.name or "frontier_compare"
+    compare_plot(curves, targets, out_dir / f"{stem}.png",
+                 f"own representation against variety ({args.where or 'all rows'})")
+    table = "\n".join(["| run | settings | seeds | own | preservation | RMS between |",
+                        "|---|---|---|---|---|---|", *lines]) + "\n"
+    (out_dir / f"{stem}.md").write_text(table)
+    print(table)
+    print(f"plot: {out_dir / f'{stem}.png'}")
+    return 0
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=None, help="pipeline dir or named model (default: random tiny, --quick only)")
@@ -153,7 +236,13 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--name", default=None)
     ap.add_argument("--out-dir", default=str(RESULTS))
+    ap.add_argument("--compare", nargs="+", metavar="FILE[=LABEL]", default=None,
+                    help="plot earlier runs' JSON files against each other instead of running a model")
+    ap.add_argument("--where", default=None, metavar="KEY=VALUE,...",
+                    help="with --compare: only rows whose resolved settings have these values")
     args = ap.parse_args(argv)
+    if args.compare:
+        return compare(ap, args)
     if args.quick:
         args.sources = args.sources or 24
         if args.seeds == ap.get_default("seeds"):

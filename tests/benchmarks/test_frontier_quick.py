@@ -102,3 +102,32 @@ def test_bad_arguments_exit_with_a_message():
     proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "frontier.py"), "--quick", "--variants", "1"],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "--variants must be >= 2" in proc.stderr
+
+
+def _result(points, seeds=(0, 1)):
+    rows = []
+    for rf, tt, own, rms in points:
+        summary = {k: {"mean": 0.5, "se": 0.01} for k in frontier.METRICS}
+        summary["own"], summary["rms_between"] = {"mean": own, "se": 0.002}, {"mean": rms, "se": 0.001}
+        rows.append({"label": f"repaint_fraction {rf}, token_temperature {tt}",
+                     "settings": {"repaint_fraction": float(rf), "token_temperature": float(tt), "cfg": 0.0},
+                     "summary": summary})
+    return {"seeds": list(seeds), "rows": rows}
+
+
+def test_frontier_compare_plots_earlier_runs_without_a_model(tmp_path, capsys):
+    a, b = tmp_path / "a.json", tmp_path / "b.json"
+    a.write_text(json.dumps(_result([(1, 1.0, 0.94, 0.145), (0.7, 1.0, 0.95, 0.12)])))
+    b.write_text(json.dumps(_result([(1, 0.95, 0.951, 0.158), (1, 1.05, 0.938, 0.176)])))
+    assert frontier.main(["--compare", f"{a}+{b}=joined", f"{b}=after", "--where", "repaint_fraction=1",
+                          "--out-dir", str(tmp_path), "--name", "cmp"]) == 0
+    table = (tmp_path / "cmp.md").read_text()
+    assert (tmp_path / "cmp.png").stat().st_size > 0
+    # the repaint_fraction 0.7 row is filtered out; the joined curve has a's and b's rows
+    assert "0.7" not in table and table.count("| joined |") == 3 and table.count("| after |") == 2
+    assert "| after | repaint_fraction 1, token_temperature 1.05 | 0,1 | 0.938 ± 0.002 | 0.500 | 0.176 |" in table
+    with pytest.raises(SystemExit):
+        frontier.main(["--compare", str(a), "--where", "repaint_fraction=0.5", "--out-dir", str(tmp_path)])
+    assert "no row matches" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        frontier.main(["--compare", str(tmp_path / "missing.json"), "--out-dir", str(tmp_path)])
