@@ -145,9 +145,7 @@ def plot(rows: list[dict], targets: tuple[float, float, float], path: Path, titl
 
 def select_rows(result: dict, where: dict) -> list[dict]:
     """The rows of a frontier result whose resolved settings match every ``where`` item."""
-    return [r for r in result["rows"]
-            if all(r["settings"].get(k) == (float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else v)
-                   for k, v in where.items())]
+    return [r for r in result["rows"] if all(r["settings"].get(k) == v for k, v in where.items())]
 
 
 def compare_plot(curves: list[tuple[str, list[dict]]], targets: tuple[float, float, float], path: Path,
@@ -186,8 +184,11 @@ def compare_plot(curves: list[tuple[str, list[dict]]], targets: tuple[float, flo
 def compare(ap: argparse.ArgumentParser, args) -> int:
     try:
         where = parse_setting(args.where) if args.where else {}
-    except ValueError as err:
+        targets = tuple(float(v) for v in args.targets.split(","))
+    except (TypeError, ValueError) as err:
         ap.error(str(err))
+    if len(targets) != 3:
+        ap.error("--targets needs three numbers")
     curves, lines = [], []
     for item in args.compare:
         files, _, name = item.partition("=")
@@ -206,7 +207,6 @@ def compare(ap: argparse.ArgumentParser, args) -> int:
                       f"{r['summary']['preservation']['mean']:.3f} | {r['summary']['rms_between']['mean']:.3f} |"
                       for r in found]
         curves.append((name or Path(files).stem, rows))
-    targets = tuple(float(v) for v in args.targets.split(","))
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     stem = args.name or "frontier_compare"

@@ -129,5 +129,8 @@ def test_frontier_compare_plots_earlier_runs_without_a_model(tmp_path, capsys):
     with pytest.raises(SystemExit):
         frontier.main(["--compare", str(a), "--where", "repaint_fraction=0.5", "--out-dir", str(tmp_path)])
     assert "no row matches" in capsys.readouterr().err
+    for bad in (["--where", "no_such_setting=1"], ["--targets", "0.9,0.1"]):
+        with pytest.raises(SystemExit):
+            frontier.main(["--compare", str(a), "--out-dir", str(tmp_path), *bad])
     with pytest.raises(SystemExit):
         frontier.main(["--compare", str(tmp_path / "missing.json"), "--out-dir", str(tmp_path)])
