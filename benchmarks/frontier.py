@@ -192,6 +192,7 @@ def compare(ap: argparse.ArgumentParser, args) -> int:
     curves, lines = [], []
     for item in args.compare:
         files, _, name = item.partition("=")
+        name = name or Path(files).stem
         rows = []
         for file in files.split("+"):  # one curve may join several runs' rows
             try:
@@ -202,11 +203,11 @@ def compare(ap: argparse.ArgumentParser, args) -> int:
             if not found:
                 ap.error(f"--compare {file}: no row matches --where {args.where!r}")
             rows += found
-            lines += [f"| {name or Path(files).stem} | {r['label']} | {','.join(map(str, result['seeds']))} | "
+            lines += [f"| {name} | {r['label']} | {','.join(map(str, result['seeds']))} | "
                       f"{r['summary']['own']['mean']:.3f} ± {r['summary']['own']['se']:.3f} | "
                       f"{r['summary']['preservation']['mean']:.3f} | {r['summary']['rms_between']['mean']:.3f} |"
                       for r in found]
-        curves.append((name or Path(files).stem, rows))
+        curves.append((name, rows))
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     stem = args.name or "frontier_compare"
