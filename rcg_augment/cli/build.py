@@ -53,8 +53,11 @@ def register(subparsers) -> None:
     p.add_argument("--input", required=True, metavar="SRC",
                    help='image folder (class sub-folders), a dataset folder datasets.load_dataset reads (parquet, '
                    'csv, jsonl, imagefolder splits) or save_to_disk wrote, a Hugging Face Hub dataset id, '
-                   '"digits" or "lfw-faces"')
+                   '"digits", "lfw-faces" or "fashion-mnist"')
     p.add_argument("--split", metavar="NAME", help="dataset split to read (default: train, or the only split)")
+    p.add_argument("--data-root", metavar="DIR",
+                   help="with --input fashion-mnist: the folder holding its four IDX files (default: "
+                        "$RCG_AUGMENT_FASHION_MNIST, ./data/FashionMNIST/raw, /usr/share/datasets/fashion-mnist)")
     p.add_argument("--image-column", metavar="COL", help="dataset column holding the images (default: image/img)")
     p.add_argument("--label-column", metavar="COL",
                    help="dataset column holding the labels (default: label/labels; none: one class)")
@@ -126,9 +129,9 @@ def run(args) -> int:
     from ..data import build_synthetic, cache_contact_sheet, open_source
 
     source = args.input
-    if args.split is not None or args.image_column is not None or args.label_column is not None:
+    if any(v is not None for v in (args.split, args.image_column, args.label_column, args.data_root)):
         source = open_source(args.input, split=args.split, image_column=args.image_column,
-                             label_column=args.label_column)
+                             label_column=args.label_column, data_root=args.data_root)
     process_index, num_processes, dist_device, barrier = _distributed(args)
     if args.device != "auto":
         device = args.device

@@ -63,7 +63,7 @@ def add_training_arguments(parser: argparse.ArgumentParser) -> None:
     data.add_argument("--data", metavar="SPEC",
                       help="training images: an image folder (root/<class>/<img> or flat), a dataset folder "
                            "datasets.load_dataset reads (parquet, csv, jsonl, imagefolder splits) or save_to_disk "
-                           "wrote, a Hugging Face Hub dataset id, 'digits' or 'lfw-faces' (default: the recipe's)")
+                           "wrote, a Hugging Face Hub dataset id, 'digits', 'lfw-faces' or 'fashion-mnist' (default: the recipe's)")
     data.add_argument("--split", metavar="NAME", help="dataset split of --data (default: train, or the only split)")
     data.add_argument("--image-column", metavar="COL", help="dataset column of --data holding the images")
     data.add_argument("--label-column", metavar="COL", help="dataset column of --data holding the labels")

@@ -1,6 +1,7 @@
 """Labelled image sources: an image folder, a Hugging Face dataset (a Hub id, a local folder
 ``datasets.load_dataset`` reads, or one ``save_to_disk`` wrote), a numpy array, or the datasets
-that ship with installed packages (``"digits"``, ``"lfw-faces"``).
+that ship with installed packages (``"digits"``, ``"lfw-faces"``) or with the Debian package
+``dataset-fashion-mnist`` (``"fashion-mnist"``).
 
 Every source is a ``torch.utils.data.Dataset`` of ``(PIL.Image, int)`` pairs with ``classes``,
 ``labels`` and ``skipped`` (files that could not be read, with the reason), so trainers, the
@@ -24,7 +25,7 @@ from torch.utils.data import Dataset
 logger = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
-BUILTIN_SOURCES = ("digits", "lfw-faces")
+BUILTIN_SOURCES = ("digits", "lfw-faces", "fashion-mnist")
 # A local folder holding files of these kinds, or split sub-folders, is read with datasets.load_dataset.
 DATA_FILE_EXTENSIONS = (".parquet", ".arrow", ".csv", ".tsv", ".jsonl", ".json")
 SPLIT_FOLDER_NAMES = ("train", "test", "validation", "valid", "val", "dev", "eval")
@@ -167,6 +168,17 @@ def _load_lfw_faces() -> ImageSource:
     labels = [1] * 100 + [0] * 100
     images = [array_to_pil(a) for a in arr]
     return ImageSource("lfw-faces", ["non-face", "face"], labels, images)
+
+
+def _load_fashion_mnist(split: str | None, data_root) -> ImageSource:
+    from . import fashion_mnist
+
+    split = split or "train"
+    try:
+        images, labels = fashion_mnist.load(split, data_root)
+    except (FileNotFoundError, ValueError) as err:  # not found, corrupt (IDXError), an unknown split
+        raise SourceError(str(err)) from err
+    return ImageSource(f"fashion-mnist (split {split})", list(fashion_mnist.CLASSES), labels.tolist(), images)
 
 
 def _inside(path: Path, root: Path) -> bool:
@@ -346,6 +358,7 @@ def _load_dataset(spec: str, split: str | None, image_column, label_column, *, h
 def open_source(
     spec, *, labels: Sequence[int] | None = None, classes: Sequence[str] | None = None,
     image_column: str | None = None, label_column: str | None = None, split: str | None = None,
+    data_root: str | os.PathLike | None = None,
 ) -> ImageSource:
     """Open a labelled image source.
 
@@ -353,6 +366,10 @@ def open_source(
       - ``"digits"``: sklearn's 1,797 8x8 digits (grayscale, 10 classes);
       - ``"lfw-faces"``: skimage's ``lfw_subset()``: 100 faces (label 1) and 100 non-faces (0), 25x25
         (both need ``pip install "rcg-augment[examples]"``);
+      - ``"fashion-mnist"``: Fashion-MNIST's 28x28 grey images, ``split`` ``"train"`` (60,000,
+        the default) or ``"test"`` (10,000), read from its IDX files in ``data_root``, the folder
+        in ``$RCG_AUGMENT_FASHION_MNIST``, ``./data/FashionMNIST/raw`` or the Debian package's
+        folder (``apt-get install dataset-fashion-mnist``); see ``rcg_augment.data.fashion_mnist``;
       - a folder: ``root/<class>/<image>`` or a flat folder of images; unreadable files are
         skipped and listed in ``.skipped``;
       - a folder ``datasets.load_dataset`` reads: data files (parquet, csv, jsonl, arrow) or split
@@ -387,6 +404,10 @@ def open_source(
             return _from_hf(spec, "dataset", image_column, label_column)
     except ImportError:  # pragma: no cover - datasets is a dependency
         hf = None
+    if data_root is not None and spec != "fashion-mnist":
+        raise SourceError(f"`data_root` (--data-root) applies to the 'fashion-mnist' source only, not {spec!r}")
+    if isinstance(spec, str) and spec == "fashion-mnist":
+        return _load_fashion_mnist(split, data_root)
     if isinstance(spec, str) and spec in BUILTIN_SOURCES:
         if split is not None:
             raise SourceError(f"the built-in source {spec!r} has no splits; drop `split` ({split!r})")

@@ -363,6 +363,8 @@ def run_recipe(
         metadata.update(held_out)
     elif data is None:
         data = r.data
+        metadata["trained_on"] = f"{r.data}" + (f", classes {list(r.classes)}" if r.classes else "") + \
+            " (its train split; the test split is not read)"
     common = dict(data=data, stages=chosen, classes=classes, per_stage=per, max_time=max_time, metadata=metadata)
     t0 = time.monotonic()
     if from_continuation is not None:
