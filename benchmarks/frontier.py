@@ -20,7 +20,7 @@ Usage:
     python benchmarks/frontier.py --model digits-tiny --seeds 0,1,2 \\
         --settings defaults "cfg=2,token_temperature=1.3" "token_temperature=0.5"
     python benchmarks/frontier.py --quick            # seconds: random tiny model, few images
-    python benchmarks/frontier.py --compare results/frontier_a.json=before results/frontier_b.json=after \
+    python benchmarks/frontier.py --compare runs/benchmarks/frontier_a.json=before runs/benchmarks/frontier_b.json=after \
         --where repaint_fraction=1,cfg=0 --name frontier_before-vs-after   # no model: plot earlier runs
 
 ``--compare`` draws earlier runs' rows (those whose resolved settings match ``--where``) as
@@ -29,7 +29,8 @@ show whether a change moved the curve or only slid along it.
 
 A setting is ``defaults`` (the model's own) or comma-separated ``name=value`` pairs of
 :class:`rcg_augment.GenerationSettings` fields on top of the model's defaults.
-Writes results/frontier_<model>.{json,md,png} (``--name`` changes the stem).
+Writes frontier_<model>.{json,md,png} (``--name`` changes the stem) to ``--out-dir``, by default
+runs/benchmarks/ at the repository root (git-ignored).
 """
 
 from __future__ import annotations
@@ -48,7 +49,9 @@ from rcg_augment import GenerationSettings, RCGPipeline
 from rcg_augment.data import open_source
 from rcg_augment.data.splits import benchmark_split
 
-RESULTS = Path(__file__).parent / "results"
+# A run writes to runs/benchmarks/ at the repository root by default (git-ignored), so it never
+# overwrites a committed result; pass --out-dir benchmarks/results to replace one on purpose.
+OUT_DIR = Path(__file__).resolve().parents[1] / "runs" / "benchmarks"
 METRICS = ("own", "preservation", "rms_between", "rms_to_source", "images_per_s")
 
 
@@ -236,7 +239,8 @@ def main(argv=None) -> int:
     ap.add_argument("--batch-size", type=int, default=128)
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--name", default=None)
-    ap.add_argument("--out-dir", default=str(RESULTS))
+    ap.add_argument("--out-dir", default=str(OUT_DIR),
+                    help="folder for the JSON, MD and PNG (default: runs/benchmarks/ at the repository root)")
     ap.add_argument("--compare", nargs="+", metavar="FILE[=LABEL]", default=None,
                     help="plot earlier runs' JSON files against each other instead of running a model")
     ap.add_argument("--where", default=None, metavar="KEY=VALUE,...",

@@ -10,7 +10,8 @@ trial survives when all of them match and no temp file or lock is left behind.
     python benchmarks/killtrials.py --kills 20 --chain    # kill, resume, kill, ... on one directory
 
 The pytest form is tests/data/test_build.py::test_resume_after_sigkill_matches_uninterrupted
-(3 chained kills; RCG_BUILD_KILLS=20 for more). Writes benchmarks/results/killtrials.json.
+(3 chained kills; RCG_BUILD_KILLS=20 for more). Writes ``--out-json`` (default
+``runs/benchmarks/killtrials.json`` at the repository root, git-ignored).
 """
 
 from __future__ import annotations
@@ -27,6 +28,10 @@ import tempfile
 import textwrap
 import time
 from pathlib import Path
+
+# A run writes to runs/benchmarks/ at the repository root by default (git-ignored), so it never
+# overwrites a committed result; pass --out-json benchmarks/results/killtrials.json to replace one on purpose.
+OUT_DIR = Path(__file__).resolve().parents[1] / "runs" / "benchmarks"
 
 WORKER = textwrap.dedent("""
     import json, sys
@@ -106,7 +111,8 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0, help="seeds the kill moments")
     p.add_argument("--chain", action="store_true",
                    help="kill repeatedly on one directory, verify once at the end (default: one kill per trial)")
-    p.add_argument("--out-json", type=Path, default=Path(__file__).parent / "results" / "killtrials.json")
+    p.add_argument("--out-json", type=Path, default=OUT_DIR / "killtrials.json",
+                   help="JSON path (default: runs/benchmarks/killtrials.json at the repository root)")
     args = p.parse_args(argv)
 
     rng = random.Random(args.seed)

@@ -4,8 +4,9 @@ Builds ``--variants-total`` variants (default 20,000) of sklearn's digits with
 :func:`rcg_augment.data.build_synthetic`, sampling this process's resident memory (psutil, in a
 thread, every ``--interval`` seconds) and timing every shard (from its sidecar's write time).
 Prints the peak RSS, the RSS growth from the first 10% of the records to the end, and the
-per-shard throughput (min/median/max); writes ``benchmarks/results/longrun.json`` and a plot
-(``longrun.png``: RSS and variants/s over time).
+per-shard throughput (min/median/max); writes ``--out-json`` (default ``runs/benchmarks/longrun.json``
+at the repository root, git-ignored) and a plot beside it (``longrun.png``: RSS and variants/s over
+time).
 
 The model is "digits-tiny" when it is bundled, else a random tiny 1-channel pipeline (the compute
 per image is the same). Generation settings are the model's defaults unless overridden.
@@ -27,7 +28,9 @@ import threading
 import time
 from pathlib import Path
 
-RESULTS = Path(__file__).parent / "results"
+# A run writes to runs/benchmarks/ at the repository root by default (git-ignored), so it never
+# overwrites a committed result; pass --out-json benchmarks/results/longrun.json to replace one on purpose.
+OUT_DIR = Path(__file__).resolve().parents[1] / "runs" / "benchmarks"
 MiB = 2**20
 
 
@@ -157,7 +160,8 @@ def main(argv=None) -> int:
     p.add_argument("--max-minutes", type=float,
                    help="stop the build after this long and report the shards done (the cache is resumable)")
     p.add_argument("--work-dir", type=Path, help="where the cache goes (default: a temp dir, deleted)")
-    p.add_argument("--out-json", type=Path, default=RESULTS / "longrun.json")
+    p.add_argument("--out-json", type=Path, default=OUT_DIR / "longrun.json",
+                   help="JSON path; the plot is written beside it (default: runs/benchmarks/longrun.json)")
     p.add_argument("--plot", type=Path, help="default: the JSON path with .png")
     args = p.parse_args(argv)
 

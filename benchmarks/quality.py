@@ -24,6 +24,8 @@ Usage:
     python benchmarks/quality.py --model digits-tiny --fidelity-only   # the decomposition alone
     python benchmarks/quality.py --model digits-tiny --surface         # noise_level x repaint_fraction
     python benchmarks/quality.py --quick            # seconds: random tiny model, few images
+
+Writes <stem>.{json,png} to --out-dir (default runs/benchmarks/ at the repository root, git-ignored).
 """
 
 from __future__ import annotations
@@ -43,7 +45,9 @@ from rcg_augment.data import open_source
 from rcg_augment.data.contact_sheet import contact_sheet
 from rcg_augment.data.splits import benchmark_split
 
-RESULTS = Path(__file__).parent / "results"
+# A run writes to runs/benchmarks/ at the repository root by default (git-ignored), so it never
+# overwrites a committed result; pass --out-dir benchmarks/results to replace one on purpose.
+OUT_DIR = Path(__file__).resolve().parents[1] / "runs" / "benchmarks"
 
 
 def to_pil(t: torch.Tensor):
@@ -163,7 +167,8 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--name", default=None, help="result file stem (default quality_<model>)")
-    ap.add_argument("--out-dir", default=str(RESULTS))
+    ap.add_argument("--out-dir", default=str(OUT_DIR),
+                    help="folder for the JSON and PNG (default: runs/benchmarks/ at the repository root)")
     args = ap.parse_args(argv)
     if args.quick:
         args.sources, args.variants, args.generate, args.sheet_rows = 12, 2, 24, 4

@@ -11,7 +11,8 @@ Usage:
     python benchmarks/speed_quality.py --model digits-tiny            # ~5 min on 2 CPU cores
     python benchmarks/speed_quality.py --quick                        # seconds: random tiny model
 
-Writes benchmarks/results/speed_quality_<model>.{json,md,png}.
+Writes speed_quality_<model>.{json,md,png} to --out-dir (default runs/benchmarks/ at the repository
+root, git-ignored).
 """
 
 from __future__ import annotations
@@ -31,7 +32,9 @@ from rcg_augment import RCGPipeline
 from rcg_augment.data import open_source
 from rcg_augment.data.splits import benchmark_split
 
-RESULTS = Path(__file__).parent / "results"
+# A run writes to runs/benchmarks/ at the repository root by default (git-ignored), so it never
+# overwrites a committed result; pass --out-dir benchmarks/results to replace one on purpose.
+OUT_DIR = Path(__file__).resolve().parents[1] / "runs" / "benchmarks"
 
 
 def parse_ints(text: str) -> list[int]:
@@ -111,7 +114,8 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--name", default=None, help="result file stem (default speed_quality_<model>)")
-    ap.add_argument("--out-dir", default=str(RESULTS))
+    ap.add_argument("--out-dir", default=str(OUT_DIR),
+                    help="folder for the JSON, MD and PNG (default: runs/benchmarks/ at the repository root)")
     args = ap.parse_args(argv)
     if args.quick:
         args.num_iter, args.rdm_steps, args.sources, args.variants, args.batch_size = "1,2", "2,5", 8, 2, 8

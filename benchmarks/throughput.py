@@ -12,6 +12,8 @@ Usage:
     python benchmarks/throughput.py                 # tiny at batch 1/8/64, rcg-b at batch 1/8
     python benchmarks/throughput.py --quick         # seconds: tiny only, batch 1/8
     python benchmarks/throughput.py --device cuda   # bf16 autocast on GPU
+
+Writes throughput.json to --out (default runs/benchmarks/ at the repository root, git-ignored).
 """
 
 from __future__ import annotations
@@ -29,7 +31,9 @@ from torch.utils.flop_counter import FlopCounterMode
 from rcg_augment import RCGPipeline
 from rcg_augment.sampling.maskgit import maskgit_decode
 
-RESULTS = Path(__file__).parent / "results"
+# A run writes to runs/benchmarks/ at the repository root by default (git-ignored), so it never
+# overwrites a committed result; pass --out benchmarks/results/throughput.json to replace one on purpose.
+OUT_DIR = Path(__file__).resolve().parents[1] / "runs" / "benchmarks"
 
 
 def sync(device: torch.device) -> None:
@@ -159,7 +163,7 @@ def main(argv=None) -> int:
                     "(default: a random `tiny` preset; compute does not depend on the weights)")
     ap.add_argument("--cfg", type=float, default=None, help="guidance scale (default: the model's default)")
     ap.add_argument("--repeats", type=int, default=None)
-    ap.add_argument("--out", default=None, help="JSON path (default benchmarks/results/throughput[_quick].json)")
+    ap.add_argument("--out", default=None, help="JSON path (default runs/benchmarks/throughput[_quick].json at the repository root)")
     args = ap.parse_args(argv)
 
     device = torch.device(args.device)
@@ -182,7 +186,7 @@ def main(argv=None) -> int:
         "matmul_peak_gflops_s": peak / 1e9,
         "rows": rows,
     }
-    out = Path(args.out) if args.out else RESULTS / ("throughput_quick.json" if args.quick else "throughput.json")
+    out = Path(args.out) if args.out else OUT_DIR / ("throughput_quick.json" if args.quick else "throughput.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"\nThroughput on {device} ({torch.get_num_threads()} threads), matmul peak {peak / 1e9:.1f} GFLOP/s, "
