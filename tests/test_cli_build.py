@@ -182,4 +182,4 @@ def test_label_filter_and_repaint_fraction_flags(capsys, folder, model_dir, tmp_
     assert set(manifest["label_filter_draws"]) == {"left", "right"}
     code, _, err = run(capsys, "--input", folder, "--out", tmp_path / "x", "--model", model_dir, "--variants", 1,
                        "--noise-level", 0.3, "--repaint-fraction", 0.2, *FAST)
-    assert code != 0 and "`repaint_fraction` must be in [0.5, 1]" in err
+    assert code != 0 and "`--repaint-fraction` must be in [0.5, 1]" in err  # the flag, not the Python name

@@ -17,8 +17,16 @@ from .. import __version__
 SUBCOMMANDS = ("build", "train", "finetune")
 
 
+class OneLineErrorParser(argparse.ArgumentParser):
+    """An argparse parser whose usage errors are one line (the problem and where help is), not the
+    whole usage block; sub-command parsers are of the same class."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def make_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineErrorParser(
         prog="rcg-augment",
         description="Representation-conditioned generative data augmentation (RCG). "
         "Build augmented datasets, train and fine-tune the generative stack.",
@@ -41,6 +49,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = make_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s")
+    for noisy in ("PIL", "urllib3", "filelock", "fsspec", "matplotlib"):  # -v is about this package, not theirs
+        logging.getLogger(noisy).setLevel(logging.WARNING)
     if not getattr(args, "handler", None):
         parser.print_help()
         return 2

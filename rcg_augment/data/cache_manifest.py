@@ -26,10 +26,11 @@ from .cache_files import (
 )
 
 CACHE_FORMAT = "rcg-augment/synthetic-cache"
-CACHE_FORMAT_VERSION = 1
+# 2: the columns origin, pool_index and similarity (retrieved records beside the variants).
+CACHE_FORMAT_VERSION = 2
 # Plan keys that must match for a rerun to resume; everything else in the plan is provenance.
 SPEC_KEYS = ("format", "format_version", "model", "source", "generation", "seed", "layout",
-             "quality_threshold", "versions", "device")
+             "quality_threshold", "versions", "device", "pool")
 
 
 class StaleCacheError(ValueError):
@@ -58,6 +59,10 @@ def cache_features(classes: Sequence[str]):
         "variant_index": datasets.Value("int64"),
         "noise_level": datasets.Value("float64"),
         "seed": datasets.Value("int64"),
+        # "variant" (generated) or "retrieved" (a real pool image); the next two are null for variants.
+        "origin": datasets.Value("string"),
+        "pool_index": datasets.Value("int64"),
+        "similarity": datasets.Value("float64"),
     })
 
 
@@ -77,7 +82,8 @@ def describe_differences(old: dict, new: dict, prefix: str = "") -> list[str]:
 
 
 def spec_of(plan: dict) -> dict:
-    return {k: plan.get(k) for k in SPEC_KEYS}
+    """The plan's identity: ``pool`` counts only when the build has one."""
+    return {k: plan.get(k) for k in SPEC_KEYS if k != "pool" or plan.get("pool") is not None}
 
 
 def hash_spec(spec: dict) -> str:

@@ -13,6 +13,7 @@ _TEXT_H = 12
 _BACKGROUND = (255, 255, 255)
 _INK = (0, 0, 0)
 _SOURCE_FRAME = (200, 40, 40)
+_RETRIEVED_FRAME = (40, 90, 220)
 
 
 def _fit(img: Image.Image, cell: int) -> Image.Image:
@@ -32,8 +33,10 @@ def _fit(img: Image.Image, cell: int) -> Image.Image:
 def contact_sheet(
     sources: Sequence[Image.Image], variants: Sequence[Sequence[Image.Image]], path: str | os.PathLike, *,
     row_labels: Sequence[str] | None = None, cell_size: int | None = None,
+    retrieved: Sequence[Sequence[bool]] | None = None,
 ) -> Path:
-    """Write a PNG grid: row ``i`` is ``sources[i]`` (framed red) followed by ``variants[i]``.
+    """Write a PNG grid: row ``i`` is ``sources[i]`` (framed red) followed by ``variants[i]``;
+    cells marked in ``retrieved`` (real pool images rather than generated ones) are framed blue.
 
     Args:
         sources: one PIL image per row.
@@ -41,6 +44,7 @@ def contact_sheet(
         path: where to write the PNG (parent folders are created).
         row_labels: text under each source (e.g. the class name); default "source i".
         cell_size: pixels per cell; default: the largest image side (at most 256), enlarged to at least 64.
+        retrieved: per row, one bool per variant cell: True frames it blue and captions it "pool".
 
     Example::
 
@@ -52,6 +56,8 @@ def contact_sheet(
         raise ValueError("`sources` is empty; a contact sheet needs at least one row")
     if row_labels is not None and len(row_labels) != len(sources):
         raise ValueError(f"`row_labels` has {len(row_labels)} entries for {len(sources)} rows")
+    if retrieved is not None and [len(r) for r in retrieved] != [len(r) for r in variants]:
+        raise ValueError("`retrieved` must hold one flag per variant cell, row by row")
     labels = list(row_labels) if row_labels is not None else [f"source {i}" for i in range(len(sources))]
     all_images = list(sources) + [v for row in variants for v in row]
     if cell_size is None:
@@ -66,15 +72,21 @@ def contact_sheet(
     draw = ImageDraw.Draw(sheet)
     font = ImageFont.load_default()
     draw.text((_PAD, 1), "source", fill=_INK, font=font)
+    any_retrieved = retrieved is not None and any(any(r) for r in retrieved)
     if columns > 1:
-        draw.text((_PAD + (cell + _PAD), 1), "variants", fill=_INK, font=font)
+        header = "variants (blue frame: retrieved from the pool)" if any_retrieved else "variants"
+        draw.text((_PAD + (cell + _PAD), 1), header, fill=_INK, font=font)
     for i, (src, row) in enumerate(zip(sources, variants, strict=True)):
         y = _PAD + _TEXT_H + i * row_h
         sheet.paste(_fit(src, cell), (_PAD, y))
         draw.rectangle([_PAD - 1, y - 1, _PAD + cell, y + cell], outline=_SOURCE_FRAME)
         draw.text((_PAD, y + cell + 1), str(labels[i])[: max(4, cell // 6)], fill=_INK, font=font)
         for j, v in enumerate(row):
-            sheet.paste(_fit(v, cell), (_PAD + (j + 1) * (cell + _PAD), y))
+            x = _PAD + (j + 1) * (cell + _PAD)
+            sheet.paste(_fit(v, cell), (x, y))
+            if retrieved is not None and retrieved[i][j]:
+                draw.rectangle([x - 1, y - 1, x + cell, y + cell], outline=_RETRIEVED_FRAME, width=2)
+                draw.text((x, y + cell + 1), "pool", fill=_RETRIEVED_FRAME, font=font)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     sheet.save(path, format="PNG")
@@ -83,8 +95,9 @@ def contact_sheet(
 
 def cache_contact_sheet(out_dir: str | os.PathLike, source, path: str | os.PathLike | None = None, *,
                         max_rows: int = 10, max_variants: int = 8) -> Path:
-    """A contact sheet of a built cache: the first source image of each class (up to ``max_rows``)
-    beside up to ``max_variants`` of its variants. ``source`` is what the cache was built from
+    """A contact sheet of a built cache: up to ``max_rows`` source images (the first of each class,
+    then more by index) beside up to ``max_variants`` of their records (variants first, then
+    retrieved pool images, framed blue). ``source`` is what the cache was built from
     (anything :func:`~rcg_augment.data.open_source` takes). Default path: ``out_dir/contact_sheet.png``.
     """
     from .datasets import load_synthetic
@@ -112,9 +125,21 @@ def cache_contact_sheet(out_dir: str | os.PathLike, source, path: str | os.PathL
             chosen.append(s)
     chosen = sorted(chosen, key=lambda s: (label_of[s], s))
     sources = [src.load(s) for s in chosen]
-    variants = [[ds[r]["image"] for r in by_source[s][:max_variants]] for s in chosen]
+    origin = ds["origin"] if "origin" in ds.column_names else ["variant"] * len(ds)
+    rows = []
+    for s in chosen:
+        generated = [r for r in by_source[s] if origin[r] != "retrieved"]
+        pooled = [r for r in by_source[s] if origin[r] == "retrieved"]
+        if generated and pooled:  # both kinds on the row: half of the cells each, the rest to whichever has more
+            n_gen = min(len(generated), max(max_variants - len(pooled), -(-max_variants // 2)))
+        else:
+            n_gen = min(len(generated), max_variants)
+        rows.append(generated[:n_gen] + pooled[:max_variants - n_gen])
+    variants = [[ds[r]["image"] for r in row] for row in rows]
+    flags = [[origin[r] == "retrieved" for r in row] for row in rows]
     row_labels = [f"{classes[label_of[s]]} #{s}" for s in chosen]
-    return contact_sheet(sources, variants, path or out_dir / "contact_sheet.png", row_labels=row_labels)
+    return contact_sheet(sources, variants, path or out_dir / "contact_sheet.png", row_labels=row_labels,
+                         retrieved=flags)
 
 
 __all__ = ["cache_contact_sheet", "contact_sheet"]

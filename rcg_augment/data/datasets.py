@@ -39,8 +39,11 @@ def load_synthetic(out_dir: str | os.PathLike, *, verify: bool = False):
     """The cache as one ``datasets.Dataset`` (memory-mapped shards concatenated in record order).
 
     Columns: ``image`` (PNG, decoded to PIL), ``label`` (ClassLabel with the source's classes),
-    ``source_index``, ``variant_index``, ``noise_level``, ``seed``. ``verify`` re-hashes every shard
-    against the manifest.
+    ``source_index``, ``variant_index``, ``noise_level``, ``seed``, ``origin`` ("variant" or
+    "retrieved"), and for retrieved records ``pool_index`` (the record's index in the pool as read)
+    and ``similarity`` (cosine to its source in the encoder space; both null for variants).
+    ``variant_index`` of a retrieved record is its neighbour rank (0: nearest). ``verify``
+    re-hashes every shard against the manifest.
     """
     import datasets
 
@@ -68,7 +71,8 @@ class SyntheticDataset(Dataset):
         out_dir: a directory written by :func:`~rcg_augment.data.build_synthetic` (complete).
         transform: applied to the image when given.
 
-    Attributes: ``classes`` (names, index = label), ``labels``, ``manifest``, ``hf_dataset``.
+    Attributes: ``classes`` (names, index = label), ``labels``, ``origin`` ("variant" or
+    "retrieved" per record), ``manifest``, ``hf_dataset``.
 
     Example::
 
@@ -82,6 +86,8 @@ class SyntheticDataset(Dataset):
         self.manifest = read_manifest(self.out_dir)
         self.classes = list(self.manifest["source"]["classes"])
         self.labels = [int(x) for x in self.hf_dataset["label"]]
+        self.origin = (list(self.hf_dataset["origin"]) if "origin" in self.hf_dataset.column_names
+                       else ["variant"] * len(self.hf_dataset))
         self.transform = transform
         if len(self.hf_dataset) == 0:
             logger.warning("%s holds no records (the quality filter dropped all of them?)", self.out_dir)

@@ -53,8 +53,8 @@ def _import_for(source: str, module: str, distribution: str):
         return importlib.import_module(module)
     except ImportError as err:
         raise MissingExtraError(
-            f"the built-in source {source!r} needs {distribution}, which is not installed; "
-            f'install it with: pip install "rcg-augment[{BUILTIN_EXTRA}]"'
+            f"the built-in source {source!r} needs {distribution}, which is not installed; install it with: "
+            f'pip install {distribution} (or, in a clone of rcg-augment: pip install -e ".[{BUILTIN_EXTRA}]")'
         ) from err
 
 
@@ -365,7 +365,7 @@ def open_source(
     ``spec`` may be:
       - ``"digits"``: sklearn's 1,797 8x8 digits (grayscale, 10 classes);
       - ``"lfw-faces"``: skimage's ``lfw_subset()``: 100 faces (label 1) and 100 non-faces (0), 25x25
-        (both need ``pip install "rcg-augment[examples]"``);
+        (both need scikit-learn / scikit-image: ``pip install -e ".[examples]"`` in a clone);
       - ``"fashion-mnist"``: Fashion-MNIST's 28x28 grey images, ``split`` ``"train"`` (60,000,
         the default) or ``"test"`` (10,000), read from its IDX files in ``data_root``, the folder
         in ``$RCG_AUGMENT_FASHION_MNIST``, ``./data/FashionMNIST/raw`` or the Debian package's

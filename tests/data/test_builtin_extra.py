@@ -26,7 +26,9 @@ def test_builtin_source_without_its_extra_names_the_extra(monkeypatch, source, m
         open_source(source)
     message = str(info.value)
     assert message == (f"the built-in source {source!r} needs {distribution}, which is not installed; install it "
-                       f'with: pip install "rcg-augment[{BUILTIN_EXTRA}]"')
+                       f'with: pip install {distribution} (or, in a clone of rcg-augment: pip install -e '
+                       f'".[{BUILTIN_EXTRA}]")')
+    assert "pip install rcg-augment" not in message  # not on a package index (yet)
     assert isinstance(info.value, ImportError) and isinstance(info.value, SourceError)
 
 
@@ -40,7 +42,8 @@ def test_cli_says_it_in_one_line(monkeypatch, tmp_path, capsys):
     err = capsys.readouterr().err
     assert code == 1
     assert err.strip() == ("rcg-augment build: error: the built-in source 'digits' needs scikit-learn, which is not "
-                           'installed; install it with: pip install "rcg-augment[examples]"')
+                           'installed; install it with: pip install scikit-learn (or, in a clone of rcg-augment: '
+                           'pip install -e ".[examples]")')
 
 
 def test_the_extra_is_declared_and_dev_includes_it():
