@@ -1,0 +1,39 @@
+"""benchmarks/fashion_quality.py --quick on tiny IDX files and a micro model: it runs, and reports
+what it says it does."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from tests.data.test_fashion_mnist import write_split
+from tests.training.helpers import micro_pipeline
+
+BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
+
+
+@pytest.fixture
+def fashion_quality(monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    import fashion_quality
+
+    return fashion_quality
+
+
+def test_quick_run_reports_judge_and_preservation(tmp_path, fashion_quality, one_torch_thread):
+    write_split(tmp_path / "fm", "train", 60)
+    write_split(tmp_path / "fm", "test", 30, seed=1)
+    model = micro_pipeline().save_pretrained(tmp_path / "model")
+    code = fashion_quality.main(["--model", str(model), "--data-root", str(tmp_path / "fm"), "--quick",
+                                 "--noise-levels", "0,1", "--out-dir", str(tmp_path / "out")])
+    assert code == 0
+    report = json.loads((tmp_path / "out" / "fashion_quality_model_quick.json").read_text())
+    assert report["judge"]["train_images"] == 60 and 0 <= report["judge"]["test_accuracy"] <= 1
+    assert [r["noise_level"] for r in report["rows"]] == [0.0, 1.0] and report["sources"] == 20
+    for r in report["rows"]:
+        assert r["rms_between_variants"] >= 0 and r["rms_to_source"] > 0
+    assert (tmp_path / "out" / "fashion_quality_model_quick.md").read_text().startswith("# Fashion-MNIST")
+    # the judge is cached: a second run reads it instead of training
+    assert list((tmp_path / "out").glob("fashion_judge_*.pt"))
