@@ -254,3 +254,185 @@ def test_merge_refuses_runs_with_different_seed_counts():
     assert combined["shots"]["1"]["paired"]["classical+rcg-default"]["mean"] == pytest.approx(0.2 / 3)
     with pytest.raises(SystemExit, match="different seed counts"):
         fs.combine_arms(a, result({"classical+rcg-default": [0.6, 0.6]}))  # no shared arm, still refused
+
+
+# ============================================================================== the real-data arms (issue 31)
+def synthetic_task(fs, duplicate_test: bool = True):
+    """4 classes x 12 images of noise; the last 2 of each class are the test split. With
+    ``duplicate_test`` every test image is an exact copy of a pool image (the first of its
+    class), so a search that could reach the test split would return it first."""
+    from rcg_augment.data import ImageSource
+
+    rng = np.random.default_rng(0)
+    arrays, labels = [], []
+    for c in range(4):
+        for _ in range(12):
+            arrays.append(rng.integers(0, 256, (8, 8), dtype=np.uint8))
+            labels.append(c)
+    labels = np.asarray(labels)
+    test = np.asarray([12 * c + j for c in range(4) for j in (10, 11)])
+    if duplicate_test:
+        for t in test:
+            arrays[t] = arrays[12 * (t // 12)].copy()
+    pool = np.setdiff1d(np.arange(len(labels)), test)
+    src = ImageSource("synthetic", ["a", "b", "c", "d"], labels.tolist(), arrays)
+    images = torch.stack([fs.pil_to_tensor(src.load(i), fs.IMAGE_SIZE, 1) for i in range(len(src))])
+    return fs.DatasetData("synthetic", list(src.classes), labels, images, pool, test, test, src)
+
+
+def tiny_real(fs, d, tmp_path):
+    from rcg_augment import RCGPipeline
+
+    torch.manual_seed(0)
+    pipe = RCGPipeline.from_preset("tiny", in_channels=1)
+    _, s = fs.parse_args(["--quick", "--pool-cache", str(tmp_path / "pools")])
+    return fs.RealData(d, pipe, s, log=lambda msg: None), s
+
+
+def test_retrieval_pool_excludes_shots_validation_and_test_images_and_labels_by_the_shot(tmp_path):
+    fs = load_script()
+    d = synthetic_task(fs)
+    real, s = tiny_real(fs, d, tmp_path)
+    assert len(real.index) == len(d.pool) and not set(d.retrieval_pool.tolist()) & set(d.test.tolist())
+    shots = fs.draw_shots(d.labels, d.pool, 2, seed=0)
+    val = np.setdiff1d(d.pool, shots)[:6]
+    k = len(d.pool) - len(shots) - len(val)  # every searchable image: the search must still avoid the rest
+    found, sims, shot_labels = real.retrieve(shots, k, val)
+    assert found.shape == (len(shots), k)
+    assert not set(found.ravel().tolist()) & (set(shots.tolist()) | set(val.tolist()) | set(d.test.tolist()))
+    assert set(found.ravel().tolist()) == set(np.setdiff1d(d.pool, np.concatenate([shots, val])).tolist())
+    assert (np.diff(sims, axis=1) <= 1e-6).all()  # most similar first
+    with pytest.raises(ValueError):
+        real.retrieve(shots, k + 1, val)  # no more images left than that
+    # the arm's extra images: each shot's neighbours, labelled by that shot
+    config = fs.RealConfig("retrieval", k=3, weight=0.5)
+    arm, stats = fs.real_arm(real, shots, val, config, "none")
+    found, _, _ = real.retrieve(shots, 3, val)
+    assert torch.equal(arm.extra_y, torch.as_tensor(np.repeat(d.labels[shots], 3)))
+    assert torch.equal(arm.extra_x, d.images[found.ravel()])
+    assert torch.all(arm.extra_w == 0.5) and stats["extra"] == 3 * len(shots)
+    # a pool that holds a test image is refused
+    with pytest.raises(ValueError, match="test images"):
+        fs.DatasetData("bad", d.classes, d.labels, d.images, d.pool, d.test, d.test, d.source,
+                       retrieval_pool=np.arange(len(d.labels)))
+
+
+def test_pseudo_label_keeps_the_most_confident_share_of_each_class():
+    fs = load_script()
+    from rcg_augment.label_filter import PrototypeFilter
+
+    protos = PrototypeFilter(torch.tensor([[1.0, 0.0], [0.0, 1.0]]))
+    angles = torch.tensor([0.05, 0.6, 0.3, 0.7, 1.5, 1.0, 0.9, 1.2])  # class 0 below pi/4, class 1 above
+    reps = torch.stack([torch.cos(angles), torch.sin(angles)], dim=1)
+    allowed = torch.ones(8, dtype=torch.bool)
+    rows, labels, margin = fs.pseudo_label(reps, protos, 0.5, allowed)
+    assert rows.tolist() == [0, 2, 4, 7] and labels.tolist() == [0, 0, 1, 1]  # nearest prototype, largest margins
+    assert (margin[:2] >= margin[:2].min()).all() and margin[0] > margin[1]
+    allowed[0] = False  # an excluded row (a shot, a validation image) is never kept
+    rows, labels, _ = fs.pseudo_label(reps, protos, 0.5, allowed)
+    assert rows.tolist() == [2, 1, 4, 7]
+    rows, _, _ = fs.pseudo_label(reps, protos, 1.0, torch.ones(8, dtype=torch.bool))
+    assert sorted(rows.tolist()) == list(range(8))
+
+
+def test_default_output_folder_is_outside_the_committed_results():
+    fs = load_script()
+    args, _ = fs.parse_args([])
+    out = (ROOT / args.out_dir).resolve()
+    assert fs.RESULTS.resolve() not in [out, *out.parents]
+    assert args.out_dir == fs.DEFAULT_OUT and args.out_dir.parts[0] == "runs"  # gitignored
+    assert "runs/" in (ROOT / ".gitignore").read_text().split()
+
+
+def test_novel_regime_refuses_a_model_not_trained_on_the_base_classes_only():
+    fs = load_script()
+    base = "fashion-mnist, classes ['T-shirt/top', 'Trouser', 'Coat', 'Sandal', 'Bag'] (its train split)"
+
+    def meta(*trained_on, top=None):
+        records = [{"stage": "encoder", "data": "fashion-mnist (split train)", "trained_on": t} for t in trained_on]
+        return {"training": [{"stage": "mage", "data": "digits"}, *records], **({"trained_on": top} if top else {})}
+
+    assert "base classes" in fs.check_base_only(meta(base, base), "m")
+    for bad in (meta(base, "fashion-mnist (its train split; the test split is not read)"),  # a stage saw all
+                meta(base.replace("'Bag'", "'Bag', 'Sneaker'")),  # a novel class
+                meta(base, top="fashion-mnist (all ten classes)"),
+                {"training": [{"stage": "mage", "data": "digits"}]}):  # never saw Fashion at all
+        with pytest.raises(SystemExit, match="base classes only"):
+            fs.check_base_only(bad, "m")
+    # the command line refuses before reading any data
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--regime", "novel", "--model", "digits-tiny", "--quick"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0 and "base classes only" in proc.stderr
+    _, s = fs.parse_args(["--regime", "novel"])
+    assert s.datasets == ["fashion-novel"] and s.regime == "novel" and not any(a.startswith("pseudo") for a in s.arms)
+    with pytest.raises(SystemExit):
+        fs.parse_args(["--regime", "novel", "--datasets", "digits"])
+
+
+def test_real_data_arms_run_in_quick_mode(tmp_path):
+    arms = ["none", "classical", "retrieval", "retrieval+classical", "pseudo-label", "pseudo-label+classical",
+            "classical+rcg", "retrieval+rcg", "retrieval+rcg+classical"]
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPT), "--quick", "--datasets", "digits", "--arms", ",".join(arms),
+         "--out-dir", str(tmp_path), "--pool-cache", str(tmp_path / "pools")],
+        capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    fs = load_script()
+    data = json.loads((tmp_path / "fewshot_quick.json").read_text())
+    r = data["datasets"]["digits"]
+    settings = fs.Settings(**data["settings"])
+    tuned = r["tuning"]["1"]
+    for arm in arms[2:6]:
+        family = fs.real_base(arm)
+        assert set(tuned["real"][arm]["val_accuracy"]) == {c.key() for c in settings.real_grid(family)}
+    for arm in ("retrieval+rcg", "retrieval+rcg+classical"):
+        rr = tuned["real"][arm]
+        assert set(rr["val_accuracy"]) == {c.key() for c in settings.gen_grid()} and len(rr["val_accuracy"]) == 8
+        assert rr["retrieval"] == tuned["real"][arm.replace("retrieval+rcg", "retrieval")]["config"]
+        assert {"source=interp", "novelty=True", "weight=1.0"} <= set(rr["options"])
+    assert tuned["best_non_generative"] in fs.NON_GENERATIVE
+    cell = r["shots"]["1"]
+    assert cell["paired"]["retrieval+rcg"]["reference"] == "retrieval"
+    assert cell["paired"]["retrieval+rcg+classical"]["reference"] == "retrieval+classical"
+    best = cell["vs_best_non_generative"]
+    assert best["reference"] == tuned["best_non_generative"] and set(best["arms"]) == set(arms) - {best["reference"]}
+    for arm, v in best["arms"].items():
+        diff = np.asarray(cell["per_seed"][arm]) - np.asarray(cell["per_seed"][best["reference"]])
+        assert v["mean"] == pytest.approx(diff.mean())
+    assert cell["real_stats"]["retrieval"]["extra"] == 10 * 2  # 10 shots x K=2
+    assert cell["generation_seconds_per_run"]["retrieval+rcg"] > 0
+    md = (tmp_path / "fewshot_quick.md").read_text()
+    for label in ("(i) retrieval", "(k) pseudo-label", "(m) (i) + RCG images", "Gain over the best arm without "
+                  "generation", "Complementarity options", "Real-data arms chosen"):
+        assert label in md
+
+
+def test_fashion_datasets_and_the_novel_regime_run_in_quick_mode(tmp_path):
+    """Tiny IDX fixtures stand in for Fashion-MNIST (the suite needs neither apt nor the real files)."""
+    import gzip
+    import os
+    import struct
+
+    rng = np.random.default_rng(0)
+    folder = tmp_path / "fm"
+    folder.mkdir()
+    for stem, n in (("train", 300), ("t10k", 100)):
+        for kind, array in (("images-idx3", rng.integers(0, 256, (n, 28, 28))), ("labels-idx1", np.arange(n) % 10)):
+            head = struct.pack(">BBBB", 0, 0, 8, array.ndim) + b"".join(struct.pack(">I", d) for d in array.shape)
+            (folder / f"{stem}-{kind}-ubyte.gz").write_bytes(gzip.compress(head + array.astype(np.uint8).tobytes()))
+    env = dict(os.environ, RCG_AUGMENT_FASHION_MNIST=str(folder))
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPT), "--quick", "--datasets", "fashion-mnist,fashion-novel", "--arms",
+         "none,classical,retrieval,pseudo-label,classical+rcg,retrieval+rcg", "--grid-gen-source", "retrieved",
+         "--max-test", "40", "--out-dir", str(tmp_path), "--pool-cache", str(tmp_path / "pools")],
+        capture_output=True, text=True, timeout=600, cwd=tmp_path, env=env)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    data = json.loads((tmp_path / "fewshot_quick.json").read_text())
+    fashion, novel = data["datasets"]["fashion-mnist"], data["datasets"]["fashion-novel"]
+    assert fashion["pool_size"] == fashion["retrieval_pool_size"] == 300 and fashion["test_size"] == 40
+    assert set(fashion["shots"]["1"]["per_seed"]) == {"none", "classical", "retrieval", "pseudo-label",
+                                                      "classical+rcg", "retrieval+rcg"}
+    # novel: shots among the 150 train images of the five novel classes, retrieval from the 150 base ones
+    assert novel["pool_size"] == 150 and novel["retrieval_pool_size"] == 150 and novel["test_size"] == 40
+    assert set(novel["shots"]["1"]["per_seed"]) == {"none", "classical", "retrieval", "classical+rcg", "retrieval+rcg"}
+    assert novel["shots"]["1"]["real_stats"]["retrieval"]["label_accuracy"] == 0.0  # none of the right class
