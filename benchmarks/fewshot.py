@@ -1267,7 +1267,7 @@ def run_dataset(d: DatasetData, pipe: RCGPipeline, s: Settings, log) -> dict:
     arms = applicable_arms(d, s.arms)
     real = RealData(d, pipe, s, log) if any(a in REAL_ARMS for a in arms) else None
     defaults = default_config(pipe, s)
-    result = {"shots": {}, "test_size": len(d.test), "pool_size": len(d.pool),
+    result = {"shots": {}, "test_size": len(d.test), "test_split_size": len(d.test_full), "pool_size": len(d.pool),
               # the generation settings every RCG arm ran with (the model's defaults filled in)
               "generation": pipe.resolve_settings(**s.generation).to_dict(),
               "default_rcg": asdict(defaults), "grid_points": len(s.grid())}
@@ -1405,9 +1405,18 @@ def markdown(report: dict) -> str:
              f"{s['rep_copies']} copies.", ""]
     for name, r in report["datasets"].items():
         shots = list(r["shots"])
-        lines += [f"## {name}", "",
-                  f"Test split: {r['test_size']} images (held out; seed {SPLIT_SEED}, {TEST_FRACTION:.0%} per class); "
-                  f"pool: {r['pool_size']} images.", "",
+        if name.startswith("fashion"):
+            whole = f" of {r['test_split_size']}" if "test_split_size" in r else ""
+            split = (f"Test: {r['test_size']}{whole} images of Fashion-MNIST's test split (a seeded subset where "
+                     f"fewer; never seen by the model); shots drawn from {r['pool_size']} train images"
+                     + (" of the five novel classes" if name == "fashion-novel" else "")
+                     + (f"; retrieval pool: {r['retrieval_pool_size']} train images"
+                        + (" of the five base classes only (none of the task's classes)" if name == "fashion-novel"
+                           else "") if "retrieval_pool_size" in r else "") + ".")
+        else:
+            split = (f"Test split: {r['test_size']} images (held out; seed {SPLIT_SEED}, {TEST_FRACTION:.0%} per class); "
+                     f"pool: {r['pool_size']} images.")
+        lines += [f"## {name}", "", split, "",
                   f"Generative model: {r['provenance']['model']}. **{r['provenance']['statement']}**", ""]
         tuned = ", ".join(f"{k}-shot: {r['tuning'][k]['classical']}" for k in shots)
         lines += [f"Classical recipe chosen on pool validation draws: {tuned}.", ""]
