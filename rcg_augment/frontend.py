@@ -287,7 +287,7 @@ def augment_batch(
     model_in, color_c = model_input(images[idx.to(images.device)], pipe)
     generator = torch.Generator().manual_seed(seed)
     recon = pipe.reconstruct(model_in, noise_level.to("cpu", torch.float64)[idx], generator=generator,
-                             **settings.overrides())
+                             settings=settings)
     recon = from_model_channels(recon.to(images.device), color_c)
     if images.dtype == torch.uint8:
         recon = (recon * 255.0).round().clamp(0, 255).to(torch.uint8)

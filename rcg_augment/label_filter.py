@@ -91,7 +91,7 @@ class PrototypeFilter:
 def reconstruct_with_labels(
     pipe, images: torch.Tensor, labels, noise_level, *, label_filter: PrototypeFilter,
     max_attempts: int = DEFAULT_MAX_ATTEMPTS, generator: torch.Generator | None = None,
-    quantize: bool = False, **settings,
+    quantize: bool = False, **generation,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``pipe.reconstruct`` with rejected variants drawn again, up to ``max_attempts`` draws each.
 
@@ -101,7 +101,9 @@ def reconstruct_with_labels(
         max_attempts: draws per image, >= 1 (1: filter only, no redraw).
         generator: every draw comes from it in order, so a seeded call is reproducible.
         quantize: judge the variant after rounding to 8 bits (what a uint8 cache stores).
-        **settings: generation settings for ``reconstruct`` (``repaint_fraction``, ``num_iter``...).
+        **generation: what ``reconstruct`` takes for its generation settings: ``settings`` (a
+            :class:`~rcg_augment.settings.GenerationSettings`) and keyword overrides
+            (``repaint_fraction``, ``num_iter``...); each draw resolves them once.
 
     Returns:
         ``(variants, accepted, attempts)``: variants (B, C, H, W) (quantized if ``quantize``; the
@@ -122,7 +124,7 @@ def reconstruct_with_labels(
         if todo.numel() == 0:
             break
         dev_idx = todo.to(images.device)
-        variant = pipe.reconstruct(images[dev_idx], levels[todo.to(levels.device)], generator=generator, **settings)
+        variant = pipe.reconstruct(images[dev_idx], levels[todo.to(levels.device)], generator=generator, **generation)
         if quantize:
             variant = (variant.float().clamp(0, 1) * 255).round() / 255
         ok = label_filter.accepts(pipe, variant, labels[todo])

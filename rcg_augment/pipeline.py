@@ -37,7 +37,7 @@ from .official import read_official_files
 from .presets import PIPELINE_PRESETS, preset_config
 from .sampling.diffusion import DDIMSampler, NoiseSchedule
 from .sampling.maskgit import keep_source_tokens, maskgit_decode
-from .settings import DEFAULT_NOISE_LEVEL, FULL_REPAINT, SEED_BOUND, GenerationSettings
+from .settings import DEFAULT_NOISE_LEVEL, FULL_REPAINT, SEED_BOUND, UNSET, GenerationSettings
 from .state_dicts import compare_state
 
 logger = logging.getLogger(__name__)
@@ -328,20 +328,31 @@ class RCGPipeline(nn.Module):
 
     def resolve_settings(self, settings: GenerationSettings | None = None, **overrides) -> GenerationSettings:
         """``settings`` with ``overrides`` on top (None values ignored), every field filled from
-        this model's defaults and validated against it (before any work)."""
-        settings = settings or GenerationSettings()
-        changes = GenerationSettings.from_kwargs(**{k: v for k, v in overrides.items() if v is not None})
-        return settings.replace(**changes.overrides()).resolve(self.config)
+        this model's defaults and validated against it (before any work): the one validation of
+        a call. The methods below call it once at their top and pass what it returns down."""
+        if settings is None:
+            settings = UNSET
+        elif not isinstance(settings, GenerationSettings):
+            raise TypeError(f"`settings` must be a GenerationSettings or None, got {type(settings).__name__}")
+        return settings.resolve(self.config, **overrides)
 
-    def sampler(self, rdm_steps: int | None = None, eta: float | None = None) -> DDIMSampler:
-        s = self.resolve_settings(rdm_steps=rdm_steps, eta=eta)
+    def sampler(self, rdm_steps: int | None = None, eta: float | None = None, *,
+                settings: GenerationSettings | None = None) -> DDIMSampler:
+        """The DDIM sampler of the RDM at ``settings`` / ``rdm_steps`` / ``eta`` (None: the model's defaults)."""
+        return self._sampler(self.resolve_settings(settings, rdm_steps=rdm_steps, eta=eta))
+
+    def _sampler(self, s: GenerationSettings) -> DDIMSampler:
         return DDIMSampler(self.schedule, s.rdm_steps, s.eta)
 
     # ----------------------------------------------------------------- stages
+    # The public methods check their inputs and resolve their settings once; the `_` methods
+    # below them take checked inputs and resolved settings and trust them.
     @torch.inference_mode()
     def encode(self, images: torch.Tensor) -> torch.Tensor:
         """Images (B, C, H, W) in [0, 1] -> normalised representations (B, rep_dim)."""
-        images = self._check_images(images)
+        return self._encode(self._check_images(images))
+
+    def _encode(self, images: torch.Tensor) -> torch.Tensor:
         if images.shape[0] == 0:
             return images.new_zeros(0, self.config.encoder.rep_dim)
         with self._autocast():
@@ -350,10 +361,16 @@ class RCGPipeline(nn.Module):
     @torch.inference_mode()
     def denoise_representations(
         self, rep: torch.Tensor, noise_level: float | torch.Tensor, *, generator: torch.Generator | None = None,
-        rdm_steps: int | None = None, eta: float | None = None,
+        settings: GenerationSettings | None = None, rdm_steps: int | None = None, eta: float | None = None,
     ) -> torch.Tensor:
-        """Noise representations to ``noise_level`` (float or per-row tensor in [0, 1]) and DDIM-denoise them."""
-        sampler = self.sampler(rdm_steps, eta)
+        """Noise representations to ``noise_level`` (float or per-row tensor in [0, 1]) and DDIM-denoise
+        them, at ``settings``' ``rdm_steps`` and ``eta`` (the keywords override it; None: the model's defaults)."""
+        return self._denoise(rep, noise_level, self.resolve_settings(settings, rdm_steps=rdm_steps, eta=eta),
+                             generator)
+
+    def _denoise(self, rep: torch.Tensor, noise_level: float | torch.Tensor, s: GenerationSettings,
+                 generator: torch.Generator | None) -> torch.Tensor:
+        sampler = self._sampler(s)
         generator = derive_generator(generator, rep.device)
         z_t, steps = sampler.renoise(rep.float(), noise_level, generator=generator)
         with self._autocast():
@@ -361,18 +378,24 @@ class RCGPipeline(nn.Module):
 
     @torch.inference_mode()
     def render(
-        self, rep: torch.Tensor, *, generator: torch.Generator | None = None, cfg: float | None = None,
-        temperature: float | None = None, num_iter: int | None = None, source: torch.Tensor | None = None,
-        repaint_fraction: float | None = None, token_temperature: float | None = None,
+        self, rep: torch.Tensor, *, generator: torch.Generator | None = None, settings: GenerationSettings | None = None,
+        cfg: float | None = None, temperature: float | None = None, num_iter: int | None = None,
+        source: torch.Tensor | None = None, repaint_fraction: float | None = None, token_temperature: float | None = None,
     ) -> torch.Tensor:
         """Representations (B, rep_dim) -> images (B, C, image_size, image_size) in [0, 1].
 
-        ``source`` (B, C, image_size, image_size) in [0, 1] with ``repaint_fraction`` < 1: MAGE
-        starts from the source's VQ tokens with that share of them (drawn at random per image)
-        masked, and paints only those.
+        ``settings`` (a :class:`GenerationSettings`; None: the model's defaults) with the keyword
+        overrides on top; ``rdm_steps`` and ``eta`` do not act here. ``source`` (B, C,
+        image_size, image_size) in [0, 1] with ``repaint_fraction`` < 1: MAGE starts from the
+        source's VQ tokens with that share of them (drawn at random per image) masked, and paints
+        only those.
         """
-        s = self.resolve_settings(cfg=cfg, temperature=temperature, num_iter=num_iter,
+        s = self.resolve_settings(settings, cfg=cfg, temperature=temperature, num_iter=num_iter,
                                   repaint_fraction=repaint_fraction, token_temperature=token_temperature)
+        return self._render(rep, s, generator, source)
+
+    def _render(self, rep: torch.Tensor, s: GenerationSettings, generator: torch.Generator | None,
+                source: torch.Tensor | None) -> torch.Tensor:
         rep = rep.to(self.device, torch.float32)
         generator = derive_generator(generator, self.device)
         with self._autocast():
@@ -391,9 +414,9 @@ class RCGPipeline(nn.Module):
     @torch.inference_mode()
     def reconstruct(
         self, images: torch.Tensor, noise_level: float | torch.Tensor = DEFAULT_NOISE_LEVEL, *,
-        generator: torch.Generator | None = None, cfg: float | None = None, temperature: float | None = None,
-        num_iter: int | None = None, rdm_steps: int | None = None, eta: float | None = None,
-        repaint_fraction: float | None = None, token_temperature: float | None = None,
+        generator: torch.Generator | None = None, settings: GenerationSettings | None = None, cfg: float | None = None,
+        temperature: float | None = None, num_iter: int | None = None, rdm_steps: int | None = None,
+        eta: float | None = None, repaint_fraction: float | None = None, token_temperature: float | None = None,
     ) -> torch.Tensor:
         """New images with the same semantics: encode, renoise + denoise the representation, render.
 
@@ -404,6 +427,8 @@ class RCGPipeline(nn.Module):
                 (variety comes from MAGE's sampling alone); 1 ignores the image (an unconditional
                 sample); in between, noise to that fraction of the RDM schedule and denoise.
             generator: seeds every random draw; the same seed gives the same output on CPU.
+            settings: a :class:`GenerationSettings` (None: the model's defaults); the keyword
+                arguments below override its fields.
             cfg, temperature, num_iter: MAGE guidance scale (>= 0), re-masking temperature,
                 decoding steps. rdm_steps, eta: DDIM steps and eta for the RDM.
             repaint_fraction: share of the source's VQ token map MAGE paints anew, in [0.5, 1]:
@@ -415,52 +440,56 @@ class RCGPipeline(nn.Module):
 
         Returns:
             A float tensor of the input's shape, in [0, 1].
+
+        Example::
+
+            s = GenerationSettings(num_iter=8, repaint_fraction=0.7)
+            out = pipe.reconstruct(images, 0.3, settings=s, generator=torch.Generator().manual_seed(0))
         """
         images = self._check_images(images)
         if images.shape[0] == 0:
             return images.clone()
         size = tuple(images.shape[-2:])
-        s = self.resolve_settings(cfg=cfg, temperature=temperature, num_iter=num_iter, rdm_steps=rdm_steps,
-                                  eta=eta, repaint_fraction=repaint_fraction,
-                                  token_temperature=token_temperature)  # validates early
-        rep = self.encode(images)
-        rep = self.denoise_representations(rep, noise_level, generator=generator, rdm_steps=s.rdm_steps, eta=s.eta)
-        out = self.render(rep, generator=generator, cfg=s.cfg, temperature=s.temperature, num_iter=s.num_iter,
-                          source=images if s.repaint_fraction < FULL_REPAINT else None,
-                          repaint_fraction=s.repaint_fraction, token_temperature=s.token_temperature)
+        s = self.resolve_settings(settings, cfg=cfg, temperature=temperature, num_iter=num_iter, rdm_steps=rdm_steps,
+                                  eta=eta, repaint_fraction=repaint_fraction, token_temperature=token_temperature)
+        rep = self._denoise(self._encode(images), noise_level, s, generator)
+        out = self._render(rep, s, generator, images if s.repaint_fraction < FULL_REPAINT else None)
         return self._resize(out, size)
 
     @torch.inference_mode()
     def generate(
-        self, n: int, *, generator: torch.Generator | None = None, cfg: float | None = None,
-        temperature: float | None = None, num_iter: int | None = None, rdm_steps: int | None = None,
-        eta: float | None = None, token_temperature: float | None = None,
+        self, n: int, *, generator: torch.Generator | None = None, settings: GenerationSettings | None = None,
+        cfg: float | None = None, temperature: float | None = None, num_iter: int | None = None,
+        rdm_steps: int | None = None, eta: float | None = None, token_temperature: float | None = None,
     ) -> torch.Tensor:
-        """``n`` unconditional samples: the RDM samples representations, MAGE renders them."""
+        """``n`` unconditional samples: the RDM samples representations, MAGE renders them.
+
+        ``settings`` and the keyword overrides as in :meth:`reconstruct` (``repaint_fraction``
+        does not act: there is no source)."""
         if n < 0:
             raise ValueError(f"`n` must be >= 0, got {n}")
-        s = self.resolve_settings(cfg=cfg, temperature=temperature, num_iter=num_iter, rdm_steps=rdm_steps, eta=eta,
-                                  token_temperature=token_temperature)
+        s = self.resolve_settings(settings, cfg=cfg, temperature=temperature, num_iter=num_iter, rdm_steps=rdm_steps,
+                                  eta=eta, token_temperature=token_temperature)
         if n == 0:
             return torch.zeros(0, self.in_channels, self.image_size, self.image_size, device=self.device)
         gen = derive_generator(generator, self.device)
-        sampler = DDIMSampler(self.schedule, s.rdm_steps, s.eta)
         with self._autocast():
-            rep = sampler.sample(self.rdm, (n, self.config.rdm.rep_dim), generator=gen, device=self.device).float()
-        return self.render(rep, generator=gen, cfg=cfg, temperature=temperature, num_iter=num_iter,
-                           token_temperature=token_temperature)
+            rep = self._sampler(s).sample(self.rdm, (n, self.config.rdm.rep_dim), generator=gen,
+                                          device=self.device).float()
+        return self._render(rep, s, gen, None)
 
     @torch.inference_mode()
     def interpolate(
         self, a: torch.Tensor, b: torch.Tensor, alphas, *, generator: torch.Generator | None = None,
-        cfg: float | None = None, temperature: float | None = None, num_iter: int | None = None,
-        token_temperature: float | None = None,
+        settings: GenerationSettings | None = None, cfg: float | None = None, temperature: float | None = None,
+        num_iter: int | None = None, token_temperature: float | None = None,
     ) -> torch.Tensor:
         """Images along the path between the representations of ``a`` and ``b``.
 
         ``a``, ``b``: (B, C, H, W) in [0, 1] (or (C, H, W)); ``alphas``: sequence of floats in [0, 1].
         Returns (len(alphas), B, C, H, W) at the inputs' size. Intermediate representations are
         linear mixes, re-normalised per sample; every alpha uses the same sampling seed.
+        ``settings`` and the keyword overrides as in :meth:`render`.
         """
         if a.ndim == 3:
             a = a[None]
@@ -471,6 +500,8 @@ class RCGPipeline(nn.Module):
         alphas = [float(x) for x in alphas]
         if not alphas or any(not 0.0 <= x <= 1.0 for x in alphas):
             raise ValueError(f"`alphas` must be a non-empty sequence in [0, 1], got {alphas}")
+        s = self.resolve_settings(settings, cfg=cfg, temperature=temperature, num_iter=num_iter,
+                                  token_temperature=token_temperature)
         ra, rb = self.encode(a), self.encode(b)
         seed = None if generator is None else int(torch.randint(0, SEED_BOUND, (1,), generator=generator).item())
         frames = []
@@ -478,11 +509,8 @@ class RCGPipeline(nn.Module):
             mix = (1 - alpha) * ra + alpha * rb
             mix = (mix - mix.mean(-1, keepdim=True)) / mix.std(-1, keepdim=True).clamp(min=1e-6)
             g = None if seed is None else torch.Generator(device=self.device).manual_seed(seed)
-            out = self.render(mix, generator=g, cfg=cfg, temperature=temperature, num_iter=num_iter,
-                              token_temperature=token_temperature)
-            frames.append(self._resize(out, tuple(a.shape[-2:])))
+            frames.append(self._resize(self._render(mix, s, g, None), tuple(a.shape[-2:])))
         return torch.stack(frames)
-
 
 __all__ = ["CONFIG_NAME", "ConfigError", "PIPELINE_PRESETS", "PipelineConfig", "RCGPipeline", "SamplingDefaults",
            "WEIGHTS_NAME", "derive_generator"]

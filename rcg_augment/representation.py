@@ -99,7 +99,7 @@ class RepresentationAugment(FrontEnd, nn.Module):
         draw = self._random.draw(rep.shape[0], self.noise_level)
         generator = torch.Generator().manual_seed(draw["seed"])
         out = pipe.denoise_representations(rep.detach().to(pipe.device, torch.float32), draw["noise_level"],
-                                           generator=generator, **self._settings.overrides())
+                                           generator=generator, settings=self._settings)
         return out.to(rep.device, rep.dtype).clone()
 
 

@@ -1,10 +1,15 @@
 """Generation settings: one validated object for every knob of a ``reconstruct`` / ``generate`` call.
 
-Every front-end (the pipeline, both ``RCGAugment`` transforms, ``RepresentationAugment``, the cache
-builder, the CLI, the benchmarks) takes these settings by the same names and validates them here,
-once. ``None`` means "the model's default": :meth:`GenerationSettings.resolve` fills it from the
-model's config (``config.defaults`` first, then the MAGE / RDM configs) and checks the bounds that
-depend on the model.
+Every front-end (the pipeline, both RCG transforms, ``RepresentationAugment``, the cache builder,
+the CLI, the benchmarks) takes these settings by the same names and validates them here. ``None``
+means "the model's default": :meth:`GenerationSettings.resolve` fills it from the model's config
+(``config.defaults`` first, then the MAGE / RDM configs) and checks the bounds that depend on the
+model.
+
+One validation per call: each ``RCGPipeline`` method (``reconstruct``, ``render``, ``generate``,
+``interpolate``, ``denoise_representations``) resolves its settings once, at the top, with
+``RCGPipeline.resolve_settings``; what that returns is trusted below it: the samplers in
+:mod:`rcg_augment.sampling` do not check their arguments again.
 
 Example::
 
@@ -12,8 +17,8 @@ Example::
 
     pipe = RCGPipeline.from_pretrained("digits-tiny")
     s = GenerationSettings(num_iter=8, repaint_fraction=0.7)
-    print(s.resolve(pipe.config))          # every field filled in
-    out = pipe.reconstruct(images, 0.3, **s.overrides())
+    print(pipe.resolve_settings(s))        # every field filled in and checked against the model
+    out = pipe.reconstruct(images, 0.3, settings=s)
 """
 
 from __future__ import annotations
@@ -139,10 +144,17 @@ class GenerationSettings:
     def replace(self, **changes) -> GenerationSettings:
         return dataclasses.replace(self, **changes)
 
-    def resolve(self, config) -> GenerationSettings:
-        """Every field filled from a :class:`~rcg_augment.pipeline.PipelineConfig` and checked
-        against it (``rdm_steps`` <= the schedule length, ``repaint_fraction`` >= MAGE's
-        ``mask_ratio_min``)."""
+    def resolve(self, config, **overrides) -> GenerationSettings:
+        """Every field filled and checked against a :class:`~rcg_augment.pipeline.PipelineConfig`:
+        a value of ``overrides`` (None: not given) first, then this object's, then the model's
+        default. Checks the ranges and the bounds that depend on the model (``rdm_steps`` <= the
+        schedule length, ``repaint_fraction`` >= MAGE's ``mask_ratio_min``) in one pass: one
+        object is built and checked, whatever the number of overrides. An unknown override name
+        is a ``TypeError`` naming the known ones."""
+        overrides = {k: v for k, v in overrides.items() if v is not None}
+        unknown = sorted(set(overrides) - set(self.names()))
+        if unknown:
+            raise TypeError(f"unknown generation settings {unknown}; expected {list(self.names())}")
         d = config.defaults
         model_defaults = {
             "cfg": 0.0, "temperature": config.mage.temperature, "num_iter": config.mage.num_iter,
@@ -151,8 +163,8 @@ class GenerationSettings:
         }
         values = {}
         for name, fallback in model_defaults.items():
-            mine, default = getattr(self, name), getattr(d, name, None)
-            values[name] = mine if mine is not None else default if default is not None else fallback
+            choices = (overrides.get(name), getattr(self, name), getattr(d, name, None), fallback)
+            values[name] = next(v for v in choices if v is not None)
         return GenerationSettings(**values).check_bounds(num_timesteps=config.rdm.num_timesteps,
                                                          mask_ratio_min=config.mage.mask_ratio_min)
 
@@ -160,7 +172,7 @@ class GenerationSettings:
                      ) -> GenerationSettings:
         """``self``, after checking the bounds that depend on a model: ``rdm_steps`` <= the
         schedule's ``num_timesteps``, ``repaint_fraction`` >= MAGE's ``mask_ratio_min`` (each
-        where given and set). The samplers call this too, so the checks live here alone."""
+        where given and set). :meth:`resolve` calls it; the checks live here alone."""
         if num_timesteps is not None and self.rdm_steps is not None and self.rdm_steps > num_timesteps:
             raise ValueError(f"`rdm_steps` must be in [1, {num_timesteps}], got {self.rdm_steps}")
         low = mask_ratio_min
@@ -170,4 +182,8 @@ class GenerationSettings:
         return self
 
 
-__all__ = ["ADDED_LATER", "DEFAULT_MAX_ATTEMPTS", "DEFAULT_NOISE_LEVEL", "FULL_REPAINT", "OFFICIAL_TOKEN_TEMPERATURE", "SEED_BOUND", "GenerationSettings"]
+# No field set: what a call without a ``settings`` object resolves from.
+UNSET = GenerationSettings()
+
+
+__all__ = ["ADDED_LATER", "DEFAULT_MAX_ATTEMPTS", "DEFAULT_NOISE_LEVEL", "FULL_REPAINT", "OFFICIAL_TOKEN_TEMPERATURE", "SEED_BOUND", "UNSET", "GenerationSettings"]

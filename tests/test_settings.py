@@ -131,10 +131,80 @@ def test_transforms_pass_the_knob(pipe):
         aug(x)
     finally:
         del pipe.reconstruct
-    assert calls and calls[0]["repaint_fraction"] == 0.5 and calls[0]["token_temperature"] == 0.8
+    passed = calls[0]["settings"]  # the transform's GenerationSettings, resolved by reconstruct
+    assert calls and passed.repaint_fraction == 0.5 and passed.token_temperature == 0.8
     with pytest.raises(ValueError, match="repaint_fraction"):
         RCGAugment(0.3, model=pipe, repaint_fraction=2.0)
     from rcg_augment.albumentations import RCGAugment as ARCGAugment
 
     assert ARCGAugment(0.3, model=pipe, repaint_fraction=0.6).repaint_fraction == 0.6
     assert ARCGAugment(0.3, model=pipe, token_temperature=0.7)._settings.token_temperature == 0.7
+
+
+# ------------------------------------------------------------------ one validation per call
+@pytest.fixture
+def count_validations(monkeypatch):
+    """``counts = count_validations()``: from then on every range check (a GenerationSettings
+    built) and every model-bound check is counted."""
+    def install() -> dict:
+        counts = {"ranges": 0, "bounds": 0}
+        ranges, bounds = GenerationSettings.__post_init__, GenerationSettings.check_bounds
+
+        def counted_ranges(self):
+            counts["ranges"] += 1
+            return ranges(self)
+
+        def counted_bounds(self, **kw):
+            counts["bounds"] += 1
+            return bounds(self, **kw)
+
+        monkeypatch.setattr(GenerationSettings, "__post_init__", counted_ranges)
+        monkeypatch.setattr(GenerationSettings, "check_bounds", counted_bounds)
+        return counts
+
+    return install
+
+
+@pytest.mark.parametrize("call", ["reconstruct", "reconstruct_anchored", "reconstruct_settings", "render",
+                                  "generate", "interpolate", "denoise_representations", "sampler"])
+def test_each_call_validates_its_settings_once(pipe, count_validations, call):
+    x = torch.rand(2, 1, 16, 16, generator=torch.Generator().manual_seed(0))
+    rep = pipe.encode(x)
+    given = GenerationSettings(num_iter=2, rdm_steps=2, repaint_fraction=0.5)  # built before counting
+    g = torch.Generator().manual_seed(0)
+    calls = {
+        "reconstruct": lambda: pipe.reconstruct(x, 0.3, generator=g, **FAST),
+        "reconstruct_anchored": lambda: pipe.reconstruct(x, 0.3, generator=g, repaint_fraction=0.5, **FAST),
+        "reconstruct_settings": lambda: pipe.reconstruct(x, 0.3, generator=g, settings=given, cfg=1.0),
+        "render": lambda: pipe.render(rep, generator=g, source=x, settings=given),
+        "generate": lambda: pipe.generate(2, generator=g, cfg=1.0, **FAST),
+        "interpolate": lambda: pipe.interpolate(x, x.flip(0), [0.0, 0.5, 1.0], generator=g, num_iter=2),
+        "denoise_representations": lambda: pipe.denoise_representations(rep, 0.5, generator=g, rdm_steps=2),
+        "sampler": lambda: pipe.sampler(rdm_steps=2),
+    }
+    counts = count_validations()
+    calls[call]()
+    assert counts == {"ranges": 1, "bounds": 1}
+
+
+def test_settings_object_and_overrides_resolve_as_keywords(pipe):
+    x = torch.rand(2, 1, 16, 16, generator=torch.Generator().manual_seed(0))
+    given = GenerationSettings(num_iter=2, rdm_steps=3, token_temperature=0.5)
+    a = pipe.reconstruct(x, 0.3, generator=torch.Generator().manual_seed(1), settings=given, rdm_steps=2)
+    b = pipe.reconstruct(x, 0.3, generator=torch.Generator().manual_seed(1), num_iter=2, rdm_steps=2,
+                         token_temperature=0.5)
+    assert torch.equal(a, b)  # a keyword overrides the object's field
+    assert pipe.resolve_settings(given, rdm_steps=None).rdm_steps == 3  # None: not given
+    with pytest.raises(TypeError, match="`settings` must be a GenerationSettings"):
+        pipe.reconstruct(x, settings={"num_iter": 2})
+
+
+def test_the_samplers_trust_their_settings(count_validations, pipe):
+    from rcg_augment.sampling import DDIMSampler, keep_source_tokens, maskgit_decode
+
+    counts = count_validations()
+    with torch.inference_mode():
+        DDIMSampler(pipe.schedule, 4, 1.0)
+        maskgit_decode(pipe.mage, torch.randn(1, 256), num_iter=2, cfg=1.0)
+        keep_source_tokens(torch.zeros(1, 16, dtype=torch.long), 0.5, 99)
+    assert counts == {"ranges": 0, "bounds": 0}

@@ -3,6 +3,10 @@
 Both objects are stateless after construction: they hold the schedule's constants and take the
 network, the inputs and a ``torch.Generator`` as arguments. The network predicts x0 (the
 official parameterisation); :meth:`DDIMSampler.step` converts that to the noise estimate.
+
+The sampler trusts its generation settings (``rdm_steps``, ``eta``): the pipeline resolves and
+checks them once per call (:meth:`~rcg_augment.settings.GenerationSettings.resolve`). Called on its
+own, check them first, e.g. ``GenerationSettings(rdm_steps=n, eta=e).check_bounds(num_timesteps=T)``.
 """
 
 from __future__ import annotations
@@ -11,8 +15,6 @@ import math
 from collections.abc import Callable
 
 import torch
-
-from ..settings import GenerationSettings
 
 Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -61,13 +63,13 @@ class DDIMSampler:
     """DDIM over ``rdm_steps`` uniformly spaced timesteps (1, 1 + c, 1 + 2c, ... with c = T // rdm_steps).
 
     ``eta`` = 0 is the deterministic sampler; ``eta`` = 1 (the official RDM setting) adds the
-    DDPM-like posterior noise. Both are checked by :class:`~rcg_augment.settings.GenerationSettings`,
-    the one home of the generation settings' bounds.
+    DDPM-like posterior noise. Preconditions, not checked here (the caller validated them by
+    :class:`~rcg_augment.settings.GenerationSettings`, the one home of their bounds):
+    1 <= ``rdm_steps`` <= ``schedule.num_timesteps``, ``eta`` >= 0.
     """
 
     def __init__(self, schedule: NoiseSchedule, rdm_steps: int = 250, eta: float = 1.0):
         T = schedule.num_timesteps
-        GenerationSettings(rdm_steps=rdm_steps, eta=eta).check_bounds(num_timesteps=T)
         self.schedule = schedule
         self.rdm_steps = rdm_steps
         self.eta = eta

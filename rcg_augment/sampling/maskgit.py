@@ -4,6 +4,11 @@ Each of ``num_iter`` steps predicts every masked token at once, samples them, an
 least confident ones following a cosine schedule. With guidance, the conditional and
 unconditional logits come from ONE forward over a doubled batch and are combined as
 ``l_c + s_i * (l_c - l_u)`` with ``s_i = cfg * (i + 1) / num_iter``.
+
+These functions trust their generation settings (``num_iter``, ``temperature``, ``cfg``,
+``token_temperature``, ``repaint_fraction``): the pipeline resolves and checks them once per call
+(:meth:`~rcg_augment.settings.GenerationSettings.resolve`). Called on their own, check them first,
+e.g. ``GenerationSettings(num_iter=n, cfg=s)`` raises for values out of range.
 """
 
 from __future__ import annotations
@@ -12,8 +17,6 @@ import math
 
 import torch
 import torch.nn.functional as F
-
-from ..settings import GenerationSettings
 
 
 def mask_ratio(step: int, num_iter: int) -> float:
@@ -40,8 +43,8 @@ def keep_source_tokens(
     tokens: torch.Tensor, repaint_fraction: float, mask_token_id: int, *, generator: torch.Generator | None = None
 ) -> torch.Tensor:
     """Mask round(L * repaint_fraction) positions of each row of ``tokens`` (B, L), chosen uniformly
-    at random per row; the rest keep the source's codes. The start grid of source-anchored decoding."""
-    GenerationSettings(repaint_fraction=repaint_fraction)  # the one check of its range
+    at random per row; the rest keep the source's codes. The start grid of source-anchored decoding.
+    ``repaint_fraction`` in (0, 1] (not checked here; see the module's docstring)."""
     bsz, length = tokens.shape
     num_masked = max(1, round(length * repaint_fraction))
     ranks = torch.rand(bsz, length, generator=generator, device=tokens.device).argsort(-1).argsort(-1)
@@ -76,9 +79,9 @@ def maskgit_decode(
         token_temperature: > 0; the (guided) logits are divided by it before each code is drawn
             and before the confidences that pick what to re-mask; 1 (the official sampling)
             leaves them as they are.
+
+    The settings are not checked here (see the module's docstring).
     """
-    GenerationSettings(num_iter=num_iter, temperature=temperature, cfg=cfg,
-                       token_temperature=token_temperature)  # the one check of their ranges
     c = model.config
     bsz, length, device = rep.shape[0], c.num_tokens, rep.device
     guided = cfg > 0
