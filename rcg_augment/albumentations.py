@@ -25,14 +25,8 @@ from albumentations.core.transforms_interface import BaseTransformInitSchema, Im
 from albumentations.core.utils import format_args
 from pydantic import field_validator
 
-from .frontend import (
-    ModelHandle,
-    augment_batch,
-    batch_to_numpy,
-    check_device,
-    check_noise_level,
-    numpy_to_batch,
-)
+from ._image_io import batch_to_numpy, numpy_to_batch
+from .frontend import ModelHandle, augment_batch, check_device, check_noise_level
 from .pipeline import RCGPipeline
 from .settings import DEFAULT_NOISE_LEVEL, SEED_BOUND, GenerationSettings
 

@@ -21,14 +21,8 @@ import os
 import torch
 from torch import nn
 
-from .frontend import (
-    FrontEnd,
-    ModelHandle,
-    RandomSource,
-    check_image_batch,
-    check_noise_level,
-    model_input,
-)
+from ._image_io import check_image_batch, model_input
+from .frontend import FrontEnd, ModelHandle, RandomSource, check_noise_level
 from .pipeline import RCGPipeline
 from .settings import DEFAULT_NOISE_LEVEL, GenerationSettings
 

@@ -1,8 +1,9 @@
 """RCGAugment: RCG reconstruction as a torchvision (v2 and v1-compatible) transform.
 
-What every front-end shares (argument checks, the lazy model cache, the seeded random source,
-image conversion, batching) lives in :mod:`rcg_augment.frontend`; the names this module exported
-before are re-exported here.
+This module holds the transform class only. What every front-end shares (argument checks, the
+lazy model cache, the seeded random source, batching) lives in :mod:`rcg_augment.frontend`, and
+image conversion in :mod:`rcg_augment._image_io`. The helper names this module exported before
+still resolve here, with a ``DeprecationWarning`` naming their home.
 
 Example::
 
@@ -19,6 +20,7 @@ Example::
 from __future__ import annotations
 
 import os
+import warnings
 from typing import Any
 
 import PIL.Image
@@ -27,23 +29,15 @@ from torchvision import tv_tensors
 from torchvision.transforms.v2 import Transform
 from torchvision.transforms.v2._utils import is_pure_tensor
 
+from ._image_io import check_image_batch
 from .frontend import (
-    PIL_MODES,
     FrontEnd,
     ModelHandle,
     RandomSource,
     augment_batch,
     augment_pil,
-    batch_to_numpy,
-    check_image_batch,
     check_noise_level,
     check_probability,
-    check_sampling_settings,
-    check_seed,
-    clear_pipeline_cache,
-    from_model_channels,
-    numpy_to_batch,
-    to_model_channels,
 )
 from .pipeline import RCGPipeline
 from .settings import DEFAULT_NOISE_LEVEL, GenerationSettings
@@ -144,6 +138,19 @@ class RCGAugment(FrontEnd, Transform):
         return tv_tensors.wrap(out, like=inpt) if isinstance(inpt, tv_tensors.TVTensor) else out
 
 
-__all__ = ["PIL_MODES", "ModelHandle", "RCGAugment", "RandomSource", "augment_batch", "augment_pil",
-           "check_image_batch", "check_noise_level", "check_probability", "check_sampling_settings", "check_seed",
-           "clear_pipeline_cache", "from_model_channels", "numpy_to_batch", "batch_to_numpy", "to_model_channels"]
+# Helpers this module exported before they moved to rcg_augment.frontend (and ._image_io), other
+# than those it imports itself (ModelHandle, RandomSource, augment_batch, ...).
+_MOVED = ("PIL_MODES", "batch_to_numpy", "check_sampling_settings", "check_seed", "clear_pipeline_cache",
+          "from_model_channels", "numpy_to_batch", "to_model_channels")
+
+def __getattr__(name: str):
+    if name in _MOVED:
+        warnings.warn(f"rcg_augment.transforms.{name} moved: import it from rcg_augment.frontend",
+                      DeprecationWarning, stacklevel=2)
+        from . import frontend
+
+        return getattr(frontend, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+__all__ = ["RCGAugment"]

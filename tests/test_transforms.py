@@ -307,3 +307,32 @@ def test_property_any_shape_channels_dtype(gray_dir, rgb_dir, h, w, c, batch, dt
     assert out.double().min() >= 0 and out.double().max() <= (255 if dtype == "uint8" else 1)
     if c in (2, 4):
         assert torch.equal(out[..., -1, :, :], x[..., -1, :, :])
+
+
+# ------------------------------------------------------------------ module layout
+def test_plumbing_lives_apart_from_the_transform_class():
+    import ast
+    import importlib
+    from pathlib import Path
+
+    import rcg_augment.transforms as transforms_module
+    from rcg_augment import _image_io
+
+    assert transforms_module.__all__ == ["RCGAugment"]
+    assert transforms_module.RCGAugment is RCGAugment
+    # image conversion knows no model, seed or transform: it imports nothing of this package
+    tree = ast.parse(Path(_image_io.__file__).read_text())
+    assert not [n for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.level > 0]
+    # the names transforms.py exported before still resolve (the moved ones saying where they live now)
+    before = ["PIL_MODES", "ModelHandle", "RandomSource", "augment_batch", "augment_pil", "check_image_batch",
+              "check_noise_level", "check_probability", "check_sampling_settings", "check_seed",
+              "clear_pipeline_cache", "from_model_channels", "numpy_to_batch", "batch_to_numpy", "to_model_channels"]
+    assert set(transforms_module._MOVED) <= set(before)
+    for name in set(before) - set(transforms_module._MOVED):
+        assert getattr(transforms_module, name) is getattr(rt, name)
+    for name in transforms_module._MOVED:
+        with pytest.warns(DeprecationWarning, match=f"{name} moved: import it from rcg_augment.frontend"):
+            assert getattr(transforms_module, name) is getattr(rt, name)
+    with pytest.raises(AttributeError):
+        transforms_module.no_such_name  # noqa: B018
+    assert importlib.import_module("rcg_augment.frontend").numpy_to_batch is _image_io.numpy_to_batch

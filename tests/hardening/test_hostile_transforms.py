@@ -25,7 +25,7 @@ from rcg_augment.albumentations import RCGAugment as AlbuRCGAugment
 from .conftest import FAST
 
 PACKAGE = Path(rcg_augment.__file__).parent
-CHECKERS = {PACKAGE / "frontend.py", PACKAGE / "transforms.py", PACKAGE / "albumentations.py"}
+CHECKERS = {PACKAGE / "_image_io.py", PACKAGE / "frontend.py", PACKAGE / "transforms.py", PACKAGE / "albumentations.py"}
 MAX = {"bool": 1, "uint8": 255, "uint16": 65535, "int32": 255}
 
 sizes = st.sampled_from([(1, 1), (1, 4096), (4096, 1), (0, 4), (4, 0), (3, 5), (17, 9), (32, 32)])
