@@ -1,5 +1,6 @@
 """Checkpoint files of a training run: where they live, which files one may hold, saving,
-loading for an exact resume, and the settings a resume must match.
+loading for an exact resume, and the hyperparameters a resume must match (stored under the key
+``"settings"`` of ``trainer_state.json`` and ``done.json``, the name those files have always used).
 
 Model weights and the EMA are safetensors; the optimizer and RNG files are read by accelerate
 with ``torch.load(weights_only=True)``; objects registered with ``register_for_checkpointing``
@@ -60,15 +61,16 @@ def read_state(path: Path) -> dict:
         raise ValueError(f"{path}: unreadable trainer state ({err})") from err
 
 
-def settings_mismatch(saved: dict, current: dict) -> list[str]:
+def hyperparameter_changes(saved: dict, current: dict) -> list[str]:
+    """``"key: saved -> current"`` for each hyperparameter that differs between two run records."""
     keys = sorted(set(saved) | set(current))
     return [f"{k}: {saved.get(k)!r} -> {current.get(k)!r}" for k in keys if saved.get(k) != current.get(k)]
 
 
-def save_checkpoint(root: Path, step: int, *, accelerator, ema: nn.Module | None, stage: Stage, settings: dict,
-                    keep: int) -> None:
+def save_checkpoint(root: Path, step: int, *, accelerator, ema: nn.Module | None, stage: Stage,
+                    hyperparameters: dict, keep: int) -> None:
     """Write ``root/step_<step>`` (accelerate's state, the EMA, the stage's state, the step and
-    settings) on every process, then keep only the ``keep`` newest checkpoints."""
+    the run's hyperparameter record) on every process, then keep only the ``keep`` newest checkpoints."""
     path = root / f"step_{step:08d}"
     accelerator.wait_for_everyone()
     accelerator.save_state(str(path), safe_serialization=True)
@@ -79,14 +81,16 @@ def save_checkpoint(root: Path, step: int, *, accelerator, ema: nn.Module | None
         if stage_state:
             save_file({k: v.detach().contiguous().cpu() for k, v in stage_state.items()},
                       str(path / STAGE_STATE_NAME))
-        (path / STATE_NAME).write_text(json.dumps({"step": step, "settings": settings}, indent=1))
+        (path / STATE_NAME).write_text(json.dumps({"step": step, "settings": hyperparameters}, indent=1))
         for old in list_checkpoints(root)[: -keep]:
             shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
 
 
-def load_checkpoint(path: Path, *, accelerator, ema: nn.Module | None, stage: Stage, device) -> int:
-    """Restore what :func:`save_checkpoint` wrote (after ``accelerator.prepare``); returns its step."""
+def load_training_checkpoint(path: Path, *, accelerator, ema: nn.Module | None, stage: Stage, device) -> int:
+    """Restore the training state :func:`save_checkpoint` wrote (model, optimizer, RNG, EMA, the
+    stage's state; after ``accelerator.prepare``) for an exact resume; returns its step. (The
+    authors' checkpoint files are read by :func:`rcg_augment.official.load_official_checkpoint`.)"""
     accelerator.load_state(str(path), load_kwargs={"weights_only": True})
     if ema is not None:
         ema.load_state_dict(load_file(str(path / EMA_NAME)))  # copied onto ema's device
@@ -96,4 +100,5 @@ def load_checkpoint(path: Path, *, accelerator, ema: nn.Module | None, stage: St
     return int(read_state(path / STATE_NAME)["step"])
 
 
-__all__ = ["BASE_DIR", "CHECKPOINTS_DIR", "DONE_NAME", "EMA_NAME", "STAGE_STATE_NAME", "STATE_NAME", "check_checkpoint_dir", "list_checkpoints", "load_checkpoint", "read_state", "save_checkpoint", "settings_mismatch"]
+__all__ = ["BASE_DIR", "CHECKPOINTS_DIR", "DONE_NAME", "EMA_NAME", "STAGE_STATE_NAME", "STATE_NAME", "check_checkpoint_dir",
+           "hyperparameter_changes", "list_checkpoints", "load_training_checkpoint", "read_state", "save_checkpoint"]
