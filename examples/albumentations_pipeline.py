@@ -1,4 +1,4 @@
-"""RCGAugment in an albumentations 2 pipeline: A.Compose with a seed, batches, to_dict/from_dict.
+"""AlbuRCGAugment in an albumentations 2 pipeline: A.Compose with a seed, batches, to_dict/from_dict.
 
     python examples/albumentations_pipeline.py [--model digits-tiny|DIR]
 
@@ -21,7 +21,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from rcg_augment import RCGPipeline
-from rcg_augment.albumentations import RCGAugment  # importing registers the class for A.from_dict
+from rcg_augment.albumentations import AlbuRCGAugment  # registers the class for A.from_dict
 from rcg_augment.zoo import available_models
 
 
@@ -69,7 +69,7 @@ def main() -> None:
         model = pick_model(args.model, Path(tmp))
         tf = A.Compose([
             A.Affine(rotate=(-10, 10), p=0.5),
-            RCGAugment(noise_level=(0.1, 0.5), model=model, p=0.5, num_iter=4, rdm_steps=10),
+            AlbuRCGAugment(noise_level=(0.1, 0.5), model=model, p=0.5, num_iter=4, rdm_steps=10),
             A.ToFloat(max_value=255),
         ], seed=0)
         print(tf)
@@ -77,9 +77,9 @@ def main() -> None:
         out = tf(image=images[0])["image"]
         print(f"one image: {images[0].shape} {images[0].dtype} -> {out.shape} {out.dtype}")
 
-        # The `images` target runs RCGAugment once for the whole batch, one noise level per image
+        # The `images` target runs AlbuRCGAugment once for the whole batch, one noise level per image
         # (p then decides for the whole call, so this pipeline always applies it).
-        batch_tf = A.Compose([RCGAugment(noise_level=(0.1, 0.5), model=model, num_iter=4, rdm_steps=10)], seed=0)
+        batch_tf = A.Compose([AlbuRCGAugment(noise_level=(0.1, 0.5), model=model, num_iter=4, rdm_steps=10)], seed=0)
         batch_tf(image=images[0])  # loads the model, so the timing below is the call alone
         start = time.perf_counter()
         batch = batch_tf(images=images[:32])["images"]

@@ -1,26 +1,33 @@
-"""RCGAugment as an albumentations 2 ``ImageOnlyTransform``.
+"""AlbuRCGAugment: RCG reconstruction as an albumentations 2 ``ImageOnlyTransform``.
+
+The albumentations twin of the torchvision :class:`rcg_augment.RCGAugment` (same arguments, same
+pipeline call); its own name says which library it plugs into. Its earlier name here,
+``RCGAugment``, still imports (with a ``DeprecationWarning``), and pipelines saved under it still load.
 
 Example::
 
     import albumentations as A
-    from rcg_augment.albumentations import RCGAugment
+    from rcg_augment.albumentations import AlbuRCGAugment
 
-    tf = A.Compose([A.HorizontalFlip(), RCGAugment(noise_level=(0.1, 0.4), model="digits-tiny", p=0.5)], seed=0)
+    tf = A.Compose([A.HorizontalFlip(), AlbuRCGAugment(noise_level=(0.1, 0.4), model="digits-tiny", p=0.5)],
+                   seed=0)
     out = tf(image=image)["image"]  # HWC numpy, same dtype and shape
 
 Serialisation: ``A.to_dict`` / ``A.save`` store ``model`` as given, so it must be a named model or
 a directory (an ``RCGPipeline`` object cannot be written to JSON: save it with
 ``pipeline.save_pretrained(dir)`` and pass ``model=dir``). ``A.from_dict`` finds this class by its
-full name, ``rcg_augment.albumentations.RCGAugment``, so import this module before loading.
+full name, ``rcg_augment.albumentations.AlbuRCGAugment``, so import this module before loading.
 """
 
 from __future__ import annotations
 
 import os
+import warnings
 from typing import Any
 
 import numpy as np
 import torch
+from albumentations.core.serialization import SERIALIZABLE_REGISTRY
 from albumentations.core.transforms_interface import BaseTransformInitSchema, ImageOnlyTransform
 from albumentations.core.utils import format_args
 from pydantic import field_validator
@@ -41,7 +48,7 @@ class _Shown:
         return self.text
 
 
-class RCGAugment(ImageOnlyTransform):
+class AlbuRCGAugment(ImageOnlyTransform):
     """Replace each image by an RCG reconstruction with the same semantics.
 
     Targets: image, images (one pipeline call for the whole batch), volume.
@@ -55,7 +62,7 @@ class RCGAugment(ImageOnlyTransform):
             ``RCGPipeline.save_pretrained``, or an ``RCGPipeline`` (not serialisable by
             ``A.to_dict``). Names and directories load lazily, once per process and device.
         cfg, temperature, num_iter, rdm_steps, repaint_fraction, token_temperature: generation overrides (None: the
-            model's defaults); see :class:`rcg_augment.RCGAugment`.
+            model's defaults); see :class:`rcg_augment.RCGAugment` (the torchvision transform).
         device: where the model runs ("cpu" by default for names and directories).
         p: probability of applying the transform.
 
@@ -131,7 +138,7 @@ class RCGAugment(ImageOnlyTransform):
     def to_dict_private(self) -> dict[str, Any]:
         if not self._model.serialisable:
             raise ValueError(
-                "RCGAugment with an RCGPipeline object cannot be serialised: save it with "
+                "AlbuRCGAugment with an RCGPipeline object cannot be serialised: save it with "
                 "`pipeline.save_pretrained(dir)` and pass `model=dir` (or a named model)"
             )
         state = super().to_dict_private()
@@ -182,4 +189,17 @@ class RCGAugment(ImageOnlyTransform):
         return self._run(images, noise_levels, seed)
 
 
-__all__ = ["RCGAugment"]
+# Pipelines saved (A.save / A.to_dict) before the rename name the class by its old full name.
+_OLD_NAME = "RCGAugment"
+SERIALIZABLE_REGISTRY.setdefault(f"{__name__}.{_OLD_NAME}", AlbuRCGAugment)
+
+
+def __getattr__(name: str):
+    if name == _OLD_NAME:
+        warnings.warn("rcg_augment.albumentations.RCGAugment is now AlbuRCGAugment (the torchvision transform "
+                      "keeps the name rcg_augment.RCGAugment)", DeprecationWarning, stacklevel=2)
+        return AlbuRCGAugment
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+__all__ = ["AlbuRCGAugment"]

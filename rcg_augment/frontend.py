@@ -147,8 +147,8 @@ class ModelHandle:
     def describe(self) -> str:
         if self.spec is not None:
             return repr(self.spec)
-        cfg = self.pipeline.config
-        preset = cfg.metadata.get("preset", "custom")
+        config = self.pipeline.config
+        preset = config.metadata.get("preset", "custom")
         return f"<RCGPipeline preset={preset} in_channels={self.pipeline.in_channels} image_size={self.pipeline.image_size}>"
 
     def get(self) -> RCGPipeline:

@@ -20,6 +20,7 @@ import argparse
 import os
 import pickle
 import re
+import warnings
 import zipfile
 from collections.abc import Mapping
 from pathlib import Path
@@ -100,8 +101,11 @@ def _ignored(kind: str, key: str) -> bool:
     return any(re.search(pattern, key) for pattern, _ in IGNORED[kind])
 
 
-def load_checkpoint(path: str | os.PathLike) -> dict:
-    """``torch.load`` with ``weights_only=True``; only ``argparse.Namespace`` is allow-listed.
+def load_official_checkpoint(path: str | os.PathLike) -> dict:
+    """One of the authors' PyTorch checkpoint files (``.pth``, ``.pth.tar``, ``.ckpt``) as the dict
+    it holds: ``torch.load`` with ``weights_only=True``; only ``argparse.Namespace`` is allow-listed.
+    (A training run's own checkpoints are read by
+    :func:`rcg_augment.training.checkpoints.load_training_checkpoint`.)
 
     Raises :class:`OfficialCheckpointError` naming the file for missing, truncated, non-checkpoint
     or code-carrying (refused) files.
@@ -294,7 +298,7 @@ def convert_official_file(path: str | os.PathLike, kind: str, *, pipeline=None, 
     if kind not in IGNORED:
         raise ValueError(f"`kind` must be one of {sorted(IGNORED)}, got {kind!r}")
     path = Path(path)
-    obj = load_checkpoint(path)
+    obj = load_official_checkpoint(path)
     try:
         sd = _weights(obj, kind, path, use_ema)
         if kind == "encoder":
@@ -411,8 +415,16 @@ def read_official_files(
     return OfficialFiles(config, full_state)
 
 
+
+def __getattr__(name: str):
+    if name == "load_checkpoint":  # its name before the training loop got a loader of its own
+        warnings.warn("rcg_augment.official.load_checkpoint is now load_official_checkpoint", DeprecationWarning,
+                      stacklevel=2)
+        return load_official_checkpoint
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 __all__ = [
     "ARCH_PRESETS", "IGNORED", "OFFICIAL_SOURCES", "Converted", "OfficialCheckpointError", "OfficialFiles",
     "convert_mage", "convert_mocov3_encoder", "convert_official_file", "convert_rdm", "convert_vqgan",
-    "load_checkpoint", "rdm_ema_key", "read_official_files",
+    "load_official_checkpoint", "rdm_ema_key", "read_official_files",
 ]

@@ -1,4 +1,4 @@
-"""rcg_augment.albumentations.RCGAugment: schema validation, Compose seeding, dtypes, serialisation."""
+"""rcg_augment.albumentations.AlbuRCGAugment: schema validation, Compose seeding, dtypes, serialisation."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from rcg_augment import RCGPipeline
-from rcg_augment.albumentations import RCGAugment
+from rcg_augment.albumentations import AlbuRCGAugment
 from rcg_augment.zoo import available_models
 
 FAST = {"num_iter": 2, "rdm_steps": 2}
@@ -28,10 +28,10 @@ def image(shape, dtype=np.uint8, seed=0):
 
 def test_default_model_is_digits_tiny():
     if "digits-tiny" in available_models():
-        assert RCGAugment(**FAST).model == "digits-tiny"
+        assert AlbuRCGAugment(**FAST).model == "digits-tiny"
     else:
         with pytest.raises(FileNotFoundError, match="digits-tiny.*not bundled"):
-            RCGAugment()
+            AlbuRCGAugment()
 
 
 @pytest.mark.parametrize(("kwargs", "message"), [
@@ -47,7 +47,7 @@ def test_default_model_is_digits_tiny():
 ])
 def test_init_schema_rejects_bad_arguments(gray_dir, kwargs, message):
     with pytest.raises(ValueError, match=message):
-        RCGAugment(**{"model": gray_dir, **kwargs})
+        AlbuRCGAugment(**{"model": gray_dir, **kwargs})
 
 
 @pytest.mark.parametrize("shape", [(9, 11), (9, 11, 1), (9, 11, 3), (5, 6, 4), (1, 1, 3), (1, 7)])
@@ -55,7 +55,7 @@ def test_init_schema_rejects_bad_arguments(gray_dir, kwargs, message):
 def test_keeps_shape_and_dtype(gray_dir, rgb_dir, shape, dtype):
     img = image(shape, dtype)
     for model in (gray_dir, rgb_dir):
-        out = A.Compose([RCGAugment(model=model, **FAST)], seed=0)(image=img)["image"]
+        out = A.Compose([AlbuRCGAugment(model=model, **FAST)], seed=0)(image=img)["image"]
         assert out.shape == img.shape and out.dtype == img.dtype
         assert out.min() >= 0 and out.max() <= (255 if dtype == np.uint8 else 1)
         if len(shape) == 3 and shape[-1] == 4:
@@ -66,7 +66,7 @@ def test_compose_seed_reproduces(rgb_dir):
     img = image((12, 12, 3))
 
     def run(seed):
-        tf = A.Compose([A.HorizontalFlip(p=0.5), RCGAugment((0.1, 0.9), model=rgb_dir, **FAST)], seed=seed)
+        tf = A.Compose([A.HorizontalFlip(p=0.5), AlbuRCGAugment((0.1, 0.9), model=rgb_dir, **FAST)], seed=seed)
         return tf(image=img)["image"], tf(image=img)["image"]
 
     a1, a2 = run(0)
@@ -78,12 +78,12 @@ def test_compose_seed_reproduces(rgb_dir):
 
 def test_p_zero_is_identity(gray_dir):
     img = image((8, 8, 3))
-    out = A.Compose([RCGAugment(model=gray_dir, p=0.0, **FAST)], seed=0)(image=img)["image"]
+    out = A.Compose([AlbuRCGAugment(model=gray_dir, p=0.0, **FAST)], seed=0)(image=img)["image"]
     assert np.array_equal(out, img)
 
 
 def test_images_target_is_one_batch_with_per_image_levels(gray_dir, spy_reconstruct):
-    aug = RCGAugment((0.2, 0.7), model=gray_dir, **FAST)
+    aug = AlbuRCGAugment((0.2, 0.7), model=gray_dir, **FAST)
     pipe = aug._model.get()
     calls = spy_reconstruct(pipe)
     images = image((6, 10, 10, 3))
@@ -95,10 +95,10 @@ def test_images_target_is_one_batch_with_per_image_levels(gray_dir, spy_reconstr
 
 
 def test_to_dict_from_dict_round_trip(gray_dir, tmp_path):
-    tf = A.Compose([A.HorizontalFlip(p=0.5), RCGAugment((0.1, 0.4), model=gray_dir, p=0.8, **FAST)], seed=3)
+    tf = A.Compose([A.HorizontalFlip(p=0.5), AlbuRCGAugment((0.1, 0.4), model=gray_dir, p=0.8, **FAST)], seed=3)
     data = A.to_dict(tf)
     entry = data["transform"]["transforms"][1]
-    assert entry == {"__class_fullname__": "rcg_augment.albumentations.RCGAugment", "p": 0.8,
+    assert entry == {"__class_fullname__": "rcg_augment.albumentations.AlbuRCGAugment", "p": 0.8,
                      "noise_level": [0.1, 0.4], "model": gray_dir, "cfg": None, "temperature": None,
                      "num_iter": 2, "rdm_steps": 2, "repaint_fraction": None, "token_temperature": None,
                      "device": None}
@@ -106,7 +106,7 @@ def test_to_dict_from_dict_round_trip(gray_dir, tmp_path):
     A.save(tf, str(path))
     for restored in (A.from_dict(json.loads(json.dumps(data))), A.load(str(path))):
         aug = restored.transforms[1]
-        assert isinstance(aug, RCGAugment) and aug.noise_level == (0.1, 0.4) and aug.p == 0.8
+        assert isinstance(aug, AlbuRCGAugment) and aug.noise_level == (0.1, 0.4) and aug.p == 0.8
         restored.set_random_seed(3)
         tf.set_random_seed(3)
         img = image((8, 8, 3))
@@ -115,7 +115,7 @@ def test_to_dict_from_dict_round_trip(gray_dir, tmp_path):
 
 def test_from_dict_in_a_fresh_process(gray_dir, tmp_path):
     path = tmp_path / "pipeline.json"
-    A.save(A.Compose([RCGAugment(0.3, model=gray_dir, **FAST)]), str(path))
+    A.save(A.Compose([AlbuRCGAugment(0.3, model=gray_dir, **FAST)]), str(path))
     code = (
         "import albumentations as A, numpy as np, rcg_augment.albumentations\n"
         f"tf = A.load({str(path)!r})\n"
@@ -127,7 +127,7 @@ def test_from_dict_in_a_fresh_process(gray_dir, tmp_path):
 
 def test_pipeline_object_cannot_be_serialised(gray_dir):
     pipe = RCGPipeline.from_pretrained(gray_dir)
-    aug = RCGAugment(model=pipe, **FAST)
+    aug = AlbuRCGAugment(model=pipe, **FAST)
     assert "preset=tiny in_channels=1" in repr(aug)
     out = A.Compose([aug], seed=0)(image=image((8, 8)))["image"]
     assert out.shape == (8, 8)
@@ -136,10 +136,10 @@ def test_pipeline_object_cannot_be_serialised(gray_dir):
 
 
 def test_pickle_and_repr(gray_dir):
-    tf = A.Compose([RCGAugment(0.25, model=gray_dir, **FAST)], seed=0)
+    tf = A.Compose([AlbuRCGAugment(0.25, model=gray_dir, **FAST)], seed=0)
     blob = pickle.dumps(tf)
     assert len(blob) < 50_000
-    assert "RCGAugment(p=1.0, noise_level=0.25" in repr(pickle.loads(blob))
+    assert "AlbuRCGAugment(p=1.0, noise_level=0.25" in repr(pickle.loads(blob))
 
 
 @pytest.mark.parametrize(("img", "error", "message"), [
@@ -149,7 +149,7 @@ def test_pickle_and_repr(gray_dir):
 ])
 def test_bad_images(gray_dir, img, error, message):
     with pytest.raises(error, match=message):
-        RCGAugment(model=gray_dir, **FAST)(image=img)
+        AlbuRCGAugment(model=gray_dir, **FAST)(image=img)
 
 
 class _Arrays(Dataset):
@@ -173,7 +173,7 @@ def _reseed_worker(worker_id):
 def test_dataloader_with_two_workers(gray_dir):
     def run(seed):
         torch.manual_seed(seed)
-        tf = A.Compose([RCGAugment((0.2, 0.8), model=gray_dir, **FAST)], seed=0)
+        tf = A.Compose([AlbuRCGAugment((0.2, 0.8), model=gray_dir, **FAST)], seed=0)
         loader = DataLoader(_Arrays(tf), batch_size=2, num_workers=2, worker_init_fn=_reseed_worker)
         return torch.cat(list(loader))
 
@@ -181,3 +181,14 @@ def test_dataloader_with_two_workers(gray_dir):
     assert a.shape == (4, 8, 8) and a.dtype == torch.uint8
     assert torch.equal(a, b) and not torch.equal(a, c)
     assert not torch.equal(a[0:2], a[2:4])  # worker 0 and worker 1 differ
+
+
+def test_the_old_name_still_imports_and_old_saved_pipelines_load(gray_dir):
+    import rcg_augment.albumentations as module
+
+    with pytest.warns(DeprecationWarning, match="now AlbuRCGAugment"):
+        assert module.RCGAugment is AlbuRCGAugment
+    assert "RCGAugment" not in module.__all__
+    data = A.to_dict(A.Compose([AlbuRCGAugment(0.3, model=gray_dir, **FAST)]))
+    data["transform"]["transforms"][0]["__class_fullname__"] = "rcg_augment.albumentations.RCGAugment"
+    assert isinstance(A.from_dict(data).transforms[0], AlbuRCGAugment)

@@ -209,7 +209,7 @@ def default_cache(monkeypatch, cache, tmp_path):
 def test_every_entry_point_takes_a_hub_id(default_cache, tmp_path, capsys):
     """RCGAugment (torchvision and albumentations), RepresentationAugment, `build --model` and
     `finetune --from` all go through zoo.resolve_model_dir."""
-    from rcg_augment.albumentations import RCGAugment as AlbuRCGAugment
+    from rcg_augment.albumentations import AlbuRCGAugment
     from rcg_augment.cli import main
     from rcg_augment.training.api import resolve_init
 

@@ -13,7 +13,7 @@ from rcg_augment import RCGPipeline
 from rcg_augment.official import (
     OfficialCheckpointError,
     convert_official_file,
-    load_checkpoint,
+    load_official_checkpoint,
     rdm_ema_key,
 )
 from tests.official_files import ALL_MANIFESTS, manifest, write_official_file
@@ -170,7 +170,7 @@ def test_truncated_file(base_files, tmp_path):
     cut = tmp_path / "cut.ckpt"
     cut.write_bytes(src.read_bytes()[: os.path.getsize(src) // 2])
     with pytest.raises(OfficialCheckpointError, match="cut.ckpt.*cannot be read"):
-        load_checkpoint(cut)
+        load_official_checkpoint(cut)
 
 
 class _Payload:
@@ -186,7 +186,7 @@ def test_code_carrying_pickle_is_refused(tmp_path):
     path = tmp_path / "evil.pth"
     torch.save({"state_dict": {"x": torch.zeros(1)}, "payload": _Payload(str(marker))}, path)
     with pytest.raises(OfficialCheckpointError, match="refused"):
-        load_checkpoint(path)
+        load_official_checkpoint(path)
     assert not marker.exists()
 
 
@@ -220,3 +220,10 @@ def test_large_files_load_and_reconstruct(tmp_path):
     out = pipe.reconstruct(torch.rand(1, 3, 256, 256), 0.3, generator=torch.Generator().manual_seed(0),
                            num_iter=1, rdm_steps=1)
     assert out.shape == (1, 3, 256, 256) and torch.isfinite(out).all()
+
+
+def test_the_old_loader_name_still_imports():
+    import rcg_augment.official as official
+
+    with pytest.warns(DeprecationWarning, match="now load_official_checkpoint"):
+        assert official.load_checkpoint is load_official_checkpoint

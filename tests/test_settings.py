@@ -135,10 +135,10 @@ def test_transforms_pass_the_knob(pipe):
     assert calls and passed.repaint_fraction == 0.5 and passed.token_temperature == 0.8
     with pytest.raises(ValueError, match="repaint_fraction"):
         RCGAugment(0.3, model=pipe, repaint_fraction=2.0)
-    from rcg_augment.albumentations import RCGAugment as ARCGAugment
+    from rcg_augment.albumentations import AlbuRCGAugment
 
-    assert ARCGAugment(0.3, model=pipe, repaint_fraction=0.6).repaint_fraction == 0.6
-    assert ARCGAugment(0.3, model=pipe, token_temperature=0.7)._settings.token_temperature == 0.7
+    assert AlbuRCGAugment(0.3, model=pipe, repaint_fraction=0.6).repaint_fraction == 0.6
+    assert AlbuRCGAugment(0.3, model=pipe, token_temperature=0.7)._settings.token_temperature == 0.7
 
 
 # ------------------------------------------------------------------ one validation per call

@@ -1,9 +1,9 @@
-"""What a training stage is, and the settings and result of one run of it.
+"""What a training stage is, and the loop options and result of one run of it.
 
 A :class:`Stage` contributes only what is particular to it: which module trains (the rest of the
 pipeline is frozen and in eval mode), how a batch of images becomes a loss, whether an EMA copy
 is kept (and how its decay moves), and its optimizer defaults. :class:`TrainConfig` holds the
-loop's settings, :class:`StepContext` what a stage's ``loss`` sees of a step, :class:`TrainResult`
+loop's options, :class:`StepContext` what a stage's ``loss`` sees of a step, :class:`TrainResult`
 what :func:`~rcg_augment.training.loop.run_training` did.
 """
 
@@ -22,7 +22,8 @@ from ..pipeline import RCGPipeline
 
 @dataclass
 class TrainConfig:
-    """Loop settings shared by every stage. ``None`` means "the stage's default".
+    """Loop options shared by every stage (the run's hyperparameters, resolved by
+    :func:`~rcg_augment.training.loop.resolve_hyperparameters`). ``None`` means "the stage's default".
 
     Args:
         steps: optimizer steps (the length of the LR schedule), >= 1.
@@ -35,7 +36,7 @@ class TrainConfig:
         min_lr: floor of the cosine decay.
         warmup_steps: linear warm-up steps (default: the stage's fraction of ``steps``).
         lr_schedule: ``"cosine"`` (after warm-up) or ``"constant"``.
-        weight_decay, betas: AdamW settings (no decay on biases, norms and position embeddings).
+        weight_decay, betas: AdamW hyperparameters (no decay on biases, norms and position embeddings).
         max_grad_norm: clip the global gradient norm to this; 0 disables clipping.
         ema_decay: EMA decay where the stage keeps one (RDM, MAGE: 0.9999; the encoder's
             momentum encoder: 0.99, cosine-ramped to 1). The EMA warms up as
@@ -133,7 +134,7 @@ class StepContext:
 
 class Stage:
     """Base class of a training stage. Subclasses are dataclasses whose fields are the stage's
-    options (augmentation, loss settings); they override :meth:`build`, :meth:`loss` and,
+    options (augmentation, loss options); they override :meth:`build`, :meth:`loss` and,
     where needed, :meth:`finish`, :meth:`after_step`, :meth:`ema_decay_at`."""
 
     name: ClassVar[str] = "stage"

@@ -100,7 +100,7 @@ def test_transforms_refuse_a_pickled_model(evil_pretrained):
         aug(img)
     import albumentations as A
 
-    from rcg_augment.albumentations import RCGAugment as AlbuRCGAugment
+    from rcg_augment.albumentations import AlbuRCGAugment
 
     tf = A.Compose([AlbuRCGAugment(model=str(evil_pretrained), p=1.0)], seed=0)
     with pytest.raises(ValueError, match="not a readable safetensors file"):

@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 
 import rcg_augment
 from rcg_augment import RCGAugment
-from rcg_augment.albumentations import RCGAugment as AlbuRCGAugment
+from rcg_augment.albumentations import AlbuRCGAugment
 
 from .conftest import FAST
 
