@@ -236,7 +236,10 @@ class RCGPipeline(nn.Module):
         state = {k: v.detach().to("cpu").contiguous() for k, v in self.state_dict().items()}
         weights_path = directory / WEIGHTS_NAME
         tmp = weights_path.with_suffix(".tmp")
-        save_file(state, str(tmp))
+        tmp.touch()
+        mode = tmp.stat().st_mode & 0o777  # what a new file gets here (the umask), as config.json does
+        save_file(state, str(tmp))  # safetensors writes its file 0600
+        os.chmod(tmp, mode)
         os.replace(tmp, weights_path)
         digest = sha256_file(weights_path)
         self.config.metadata.update(metadata or {})

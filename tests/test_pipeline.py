@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import torch
@@ -88,9 +89,20 @@ def test_save_load_round_trip(pipe, tmp_path):
     torch.testing.assert_close(loaded.reconstruct(x, 0.4, generator=gen(3), **FAST),
                                pipe.reconstruct(x, 0.4, generator=gen(3), **FAST), rtol=0, atol=0)
     assert loaded.fingerprint() == pipe.fingerprint()
-    cfg = json.loads((tmp_path / "m" / "config.json").read_text())
-    assert len(cfg["metadata"]["weights_sha256"]) == 64
+    config = json.loads((tmp_path / "m" / "config.json").read_text())
+    assert len(config["metadata"]["weights_sha256"]) == 64
     assert not list((tmp_path / "m").glob("*.pt*"))  # nothing pickled
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o002, 0o077])
+def test_saved_files_get_the_usual_permissions(pipe, tmp_path, umask):
+    old = os.umask(umask)
+    try:
+        directory = pipe.save_pretrained(tmp_path / "m")
+    finally:
+        os.umask(old)
+    modes = {p.name: p.stat().st_mode & 0o777 for p in directory.iterdir()}
+    assert modes == dict.fromkeys(["config.json", "model.safetensors", "README.md"], 0o666 & ~umask)
 
 
 def test_config_json_errors(pipe, tmp_path):
