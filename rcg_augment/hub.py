@@ -222,6 +222,8 @@ def model_card(config, *, repo_id: str | None = None) -> str:
     ]
     if isinstance(meta.get("weights_sha256"), str):
         lines.append(f"- weights sha256: `{meta['weights_sha256']}`")
+    if isinstance(meta.get("weights_dtype"), str):
+        lines.append(f"- weights stored as {meta['weights_dtype']}, cast to float32 on loading")
     for key, label in (("description", "description"), ("source", "source"), ("trained_on", "trained on")):
         if isinstance(meta.get(key), str):
             lines.append(f"- {label}: {meta[key]}")

@@ -82,6 +82,38 @@ def _check_state_shapes(own: dict[str, tuple], found: dict[str, tuple], *, sourc
         raise ValueError(f"{source} does not match this pipeline's config: " + "; ".join(parts))
 
 
+# Storage dtypes save_pretrained writes floating-point weights in; a pipeline always computes in
+# float32 (bf16 autocast on CUDA), whatever its file stores.
+WEIGHTS_DTYPES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
+_FLOAT_STORAGE = {"F64", "F32", "F16", "BF16"}  # safetensors' names of the floating dtypes
+_FLOAT16_MAX = torch.finfo(torch.float16).max
+
+
+def _storage_state(state: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """``state`` with its floating-point tensors in ``dtype`` (integer buffers as they are); a value
+    that float16 cannot hold is an error naming its tensors, not a silent inf."""
+    if dtype not in WEIGHTS_DTYPES:
+        raise ValueError(f"`dtype` must be one of {', '.join(f'torch.{n}' for n in WEIGHTS_DTYPES.values())}, "
+                         f"got {dtype!r}")
+    if dtype == torch.float16:
+        too_big = [k for k, v in state.items() if v.is_floating_point() and v.numel()
+                   and v.abs().max().item() > _FLOAT16_MAX]
+        if too_big:
+            raise ValueError(f"cannot store as float16: {', '.join(too_big[:8])} hold values beyond "
+                             f"+-{_FLOAT16_MAX:g}; save with dtype=torch.float32 (or torch.bfloat16)")
+    return {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
+
+
+def _check_state_kinds(own: dict[str, torch.Tensor], found: dict[str, str], *, source: str) -> None:
+    """Weights may be stored in any float dtype (cast to float32 on load); integer buffers must
+    be stored as integers."""
+    wrong = [f"{k} ({found[k]})" for k, v in own.items()
+             if k in found and v.is_floating_point() != (found[k] in _FLOAT_STORAGE)]
+    if wrong:
+        raise ValueError(f"{source}: tensors stored with the wrong kind of dtype (weights must be floating "
+                         f"point, counters integers): {', '.join(wrong[:8])}")
+
+
 def derive_generator(generator: torch.Generator | None, device: torch.device) -> torch.Generator | None:
     """A generator on ``device`` seeded from ``generator`` (CPU generators can't draw on CUDA)."""
     if generator is None or generator.device.type == device.type:
@@ -132,7 +164,9 @@ class RCGPipeline(nn.Module):
         ``revision`` (branch, tag or commit), ``cache_dir``, ``local_files_only`` and ``token`` apply
         to Hub ids, as in ``huggingface_hub.snapshot_download``; ``HF_HUB_OFFLINE=1`` reads the
         cache only. Only ``config.json`` and ``model.safetensors`` are read, and they are checked
-        against each other before any weights load.
+        against each other before any weights load. Weights stored as float16 or bfloat16 (see
+        :meth:`save_pretrained`) are cast to float32: the pipeline computes in float32 whatever
+        its file stores.
 
         Example::
 
@@ -154,6 +188,7 @@ class RCGPipeline(nn.Module):
         try:  # the header alone: names and shapes, no tensor data
             with safe_open(str(weights_path), framework="pt") as f:
                 shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+                dtypes = {k: f.get_slice(k).get_dtype() for k in f.keys()}
         except Exception as err:  # safetensors raises its own error types for corrupt files
             raise ValueError(f"{weights_path}: not a readable safetensors file ({err})") from err
         # A config.json asking for a huge model must fail on the shapes, before any allocation:
@@ -167,12 +202,15 @@ class RCGPipeline(nn.Module):
             raise ConfigError(f"{config_path}: cannot build the model it describes ({err})") from err
         _check_state_shapes({k: tuple(v.shape) for k, v in skeleton.state_dict().items()}, shapes,
                             source=str(weights_path))
+        _check_state_kinds(skeleton.state_dict(), dtypes, source=str(weights_path))
         del skeleton
         pipe = cls(config)
         try:
             state = load_file(str(weights_path))
         except Exception as err:  # safetensors raises its own error types for corrupt files
             raise ValueError(f"{weights_path}: not a readable safetensors file ({err})") from err
+        # float16 / bfloat16 storage: computed in float32 (the parameters' own dtype)
+        state = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
         pipe.load_state_dict_checked(state, source=str(weights_path))
         if device is not None:
             pipe.to(device)
@@ -217,11 +255,22 @@ class RCGPipeline(nn.Module):
         self.load_state_dict(state, strict=True)
 
     def save_pretrained(
-        self, directory: str | os.PathLike, *, metadata: dict | None = None, push_to_hub: bool = False,
-        repo_id: str | None = None, **hub_options,
+        self, directory: str | os.PathLike, *, metadata: dict | None = None, dtype: torch.dtype = torch.float32,
+        push_to_hub: bool = False, repo_id: str | None = None, **hub_options,
     ) -> Path:
         """Write ``config.json``, ``model.safetensors`` (no pickle) and a model card ``README.md``
         (see :func:`rcg_augment.hub.model_card`) into ``directory``.
+
+        ``dtype``: how the floating-point weights are stored: ``torch.float32`` (default, exact),
+        ``torch.float16`` (half the size; :meth:`from_pretrained` casts them back to float32, so
+        the loaded pipeline computes with the float16-rounded weights: see :meth:`fingerprint`)
+        or ``torch.bfloat16``. A weight beyond float16's range (+-65504) refuses float16.
+        The storage dtype is recorded as ``metadata["weights_dtype"]`` when it is not float32;
+        ``metadata["weights_sha256"]`` is the sha256 of the file as written.
+
+        Example::
+
+            pipe.save_pretrained("digits-tiny-fp16", dtype=torch.float16)  # 20 MB instead of 40
 
         ``push_to_hub=True`` then uploads the folder to ``repo_id`` (``"namespace/name"``);
         ``hub_options`` (``revision``, ``private``, ``token``, ``commit_message``, ``create_pr``)
@@ -231,9 +280,9 @@ class RCGPipeline(nn.Module):
             raise ValueError("save_pretrained(push_to_hub=True) needs `repo_id`, e.g. repo_id='my-org/rcg-digits'")
         if hub_options and not push_to_hub:
             raise TypeError(f"save_pretrained() got Hub options {sorted(hub_options)} without push_to_hub=True")
+        state = _storage_state({k: v.detach().to("cpu").contiguous() for k, v in self.state_dict().items()}, dtype)
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        state = {k: v.detach().to("cpu").contiguous() for k, v in self.state_dict().items()}
         weights_path = directory / WEIGHTS_NAME
         tmp = weights_path.with_suffix(".tmp")
         tmp.touch()
@@ -244,6 +293,10 @@ class RCGPipeline(nn.Module):
         digest = sha256_file(weights_path)
         self.config.metadata.update(metadata or {})
         self.config.metadata["weights_sha256"] = digest
+        if dtype == torch.float32:
+            self.config.metadata.pop("weights_dtype", None)
+        else:
+            self.config.metadata["weights_dtype"] = WEIGHTS_DTYPES[dtype]
         (directory / CONFIG_NAME).write_text(json.dumps(self.config.to_dict(), indent=2) + "\n")
         from .hub import upload_model, write_model_card
 
@@ -282,7 +335,16 @@ class RCGPipeline(nn.Module):
         return next(self.parameters()).device
 
     def fingerprint(self) -> str:
-        """sha256 over config and weights: identifies a model for caches."""
+        """sha256 over config and weights: identifies a model for caches.
+
+        It hashes the config (without ``metadata``; fields added later hash as absent while at
+        their default) and then, key by key in sorted order, the bytes of the tensors the
+        pipeline holds and computes with: float32 after :meth:`from_pretrained`, whatever the
+        file stores. So it does not depend on the storage dtype: a pipeline saved as float16
+        and loaded back has one fingerprint, which differs from its float32 original's (its
+        weights are rounded) and equals that of the rounded weights saved as float32. The
+        file's own hash is ``metadata["weights_sha256"]``.
+        """
         config = self.config.to_dict() | {"metadata": {}}
         # Config fields added after models and caches existed hash as if absent while at their
         # default, so a cache built before the field existed still matches its model.
@@ -516,4 +578,4 @@ class RCGPipeline(nn.Module):
         return torch.stack(frames)
 
 __all__ = ["CONFIG_NAME", "ConfigError", "PIPELINE_PRESETS", "PipelineConfig", "RCGPipeline", "SamplingDefaults",
-           "WEIGHTS_NAME", "derive_generator"]
+           "WEIGHTS_DTYPES", "WEIGHTS_NAME", "derive_generator"]

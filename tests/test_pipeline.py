@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import json
 import os
+import re
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
 from rcg_augment import RCGPipeline
+from rcg_augment.files import sha256_file
 from rcg_augment.pipeline import ConfigError, PipelineConfig
+from rcg_augment.zoo import available_models
 
 FAST = {"num_iter": 2, "rdm_steps": 3}
 
@@ -165,3 +169,98 @@ def test_reconstruct_input_errors(pipe, images, kwargs, error, match):
     kwargs = {"noise_level": 0.3, **kwargs}
     with pytest.raises(error, match=match):
         pipe.reconstruct(images, **kwargs)
+
+
+# ------------------------------------------------------------------ float16 storage
+@pytest.fixture(scope="module")
+def gray_pipe():
+    torch.manual_seed(0)
+    return RCGPipeline.from_preset("tiny", in_channels=1)
+
+
+def test_float16_storage_halves_the_file_and_computes_in_float32(gray_pipe, tmp_path):
+    full = gray_pipe.save_pretrained(tmp_path / "fp32")
+    half = gray_pipe.save_pretrained(tmp_path / "fp16", dtype=torch.float16)
+    size = lambda d: (d / "model.safetensors").stat().st_size  # noqa: E731
+    assert size(half) < 0.51 * size(full)
+    config = json.loads((half / "config.json").read_text())
+    assert config["metadata"]["weights_dtype"] == "float16"
+    assert config["metadata"]["weights_sha256"] == sha256_file(half / "model.safetensors")
+    assert "stored as float16, cast to float32" in (half / "README.md").read_text()
+    loaded = RCGPipeline.from_pretrained(half)
+    assert {p.dtype for p in loaded.parameters()} == {torch.float32}
+    for (k, mine), theirs in zip(gray_pipe.state_dict().items(), loaded.state_dict().values(), strict=True):
+        want = mine.half().float() if mine.is_floating_point() else mine
+        assert torch.equal(theirs, want), k
+    # the fingerprint hashes the weights computed with: rounded, so not the original's, and the
+    # same whichever dtype the rounded weights are stored in next
+    fingerprint = loaded.fingerprint()
+    assert fingerprint != gray_pipe.fingerprint()
+    for dtype in (torch.float16, torch.float32):
+        again = RCGPipeline.from_pretrained(loaded.save_pretrained(tmp_path / f"again-{dtype}", dtype=dtype))
+        assert again.fingerprint() == fingerprint
+    assert "weights_dtype" not in loaded.config.metadata  # the last save was float32
+    assert "weights_dtype" not in json.loads((full / "config.json").read_text())["metadata"]
+
+
+def test_float16_storage_reconstructs_within_tolerance(gray_pipe, tmp_path):
+    """Stated tolerance, same seed, the model's defaults: mean |difference| <= 1e-3 and
+    max <= 0.1 (a code MAGE draws differently changes a few pixels); representations within 5e-3."""
+    half = RCGPipeline.from_pretrained(gray_pipe.save_pretrained(tmp_path / "fp16", dtype=torch.float16))
+    x = torch.rand(16, 1, 32, 32, generator=gen(0))
+    assert (gray_pipe.encode(x) - half.encode(x)).abs().max() <= 5e-3
+    for noise_level in (0.0, 0.3, 1.0):
+        a = gray_pipe.reconstruct(x, noise_level, generator=gen(1), num_iter=4, rdm_steps=10)
+        b = half.reconstruct(x, noise_level, generator=gen(1), num_iter=4, rdm_steps=10)
+        diff = (a - b).abs()
+        assert diff.mean() <= 1e-3 and diff.max() <= 0.1, (noise_level, diff.mean(), diff.max())
+
+
+def test_storage_dtype_errors(gray_pipe, tmp_path):
+    with pytest.raises(ValueError, match="`dtype` must be one of torch.float32, torch.float16, torch.bfloat16"):
+        gray_pipe.save_pretrained(tmp_path / "x", dtype=torch.int8)
+    big = RCGPipeline.from_preset("tiny", in_channels=1)
+    with torch.no_grad():
+        big.rdm.state_dict()[next(iter(big.rdm.state_dict()))].fill_(1e5)
+    with pytest.raises(ValueError, match=r"cannot store as float16: rdm\..* beyond \+-65504"):
+        big.save_pretrained(tmp_path / "big", dtype=torch.float16)
+    assert not (tmp_path / "big").exists()  # refused before writing anything
+    RCGPipeline.from_pretrained(big.save_pretrained(tmp_path / "big", dtype=torch.bfloat16))
+    # a file whose weights are integers (or counters floats) is refused before loading
+    directory = gray_pipe.save_pretrained(tmp_path / "ints")
+    state = load_file(str(directory / "model.safetensors"))
+    key = next(k for k, v in state.items() if v.is_floating_point())
+    state[key] = state[key].to(torch.int32)
+    save_file(state, str(directory / "model.safetensors"))
+    with pytest.raises(ValueError, match=f"wrong kind of dtype .*{re.escape(key)} \\(I32\\)"):
+        RCGPipeline.from_pretrained(directory)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif("digits-tiny" not in available_models(), reason="digits-tiny is not bundled")
+def test_digits_tiny_float16_copy_matches_float32(tmp_path):
+    """The measured check behind float16 storage: digits-tiny and its float16 copy on a fixed
+    batch of 200 digits at the model's defaults, same seeds. Run with ``-s`` to see the numbers."""
+    from sklearn.linear_model import LogisticRegression
+
+    from rcg_augment.data import open_source, pil_to_tensor
+
+    full = RCGPipeline.from_pretrained("digits-tiny")
+    half = RCGPipeline.from_pretrained(full.save_pretrained(tmp_path / "fp16", dtype=torch.float16))
+    source = open_source("digits")
+    x = torch.stack([pil_to_tensor(source.load(i), full.image_size, 1) for i in range(len(source))])
+    judge = LogisticRegression(max_iter=2000, C=0.5).fit(x.flatten(1).numpy(), source.labels)  # benchmarks' judge
+    batch = x[::9][:200]
+
+    def variants(pipe, seed):
+        return torch.cat([pipe.reconstruct(batch[i:i + 100], generator=gen(seed + i)) for i in range(0, 200, 100)])
+
+    a, b, other_seed = variants(full, 0), variants(half, 0), variants(full, 1000)
+    labels = [judge.predict(v.flatten(1).numpy()) for v in (a, b, other_seed)]
+    agreement, seed_agreement = (labels[0] == labels[1]).mean(), (labels[0] == labels[2]).mean()
+    diff = (a - b).abs()
+    within = (diff.flatten(1).max(1).values <= 1 / 255).float().mean().item()
+    print(f"\ndigits-tiny float32 vs float16 copy, 200 digits, defaults, same seeds: label agreement {agreement:.3f} "
+          f"(another seed: {seed_agreement:.3f}); pixels max {diff.max():.4f}, mean {diff.mean():.5f}; "
+          f"images within 1/255: {within:.3f}")
+    assert agreement >= 0.97 and diff.mean() <= 0.005 and within >= 0.8
