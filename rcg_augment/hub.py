@@ -139,10 +139,12 @@ def upload_model(
     )
 
 
-def push_pipeline(pipeline, repo_id: str, *, metadata: Mapping | None = None, **upload_options):
-    """Save ``pipeline`` into a temporary folder and upload it (see :func:`upload_model`)."""
+def push_pipeline(pipeline, repo_id: str, *, metadata: Mapping | None = None, dtype=None, **upload_options):
+    """Save ``pipeline`` into a temporary folder (weights in ``dtype``, float32 by default; see
+    ``RCGPipeline.save_pretrained``) and upload it (see :func:`upload_model`)."""
+    storage = {} if dtype is None else {"dtype": dtype}
     with tempfile.TemporaryDirectory(prefix="rcg-push-") as tmp:
-        pipeline.save_pretrained(tmp, metadata=dict(metadata or {}), repo_id=repo_id)
+        pipeline.save_pretrained(tmp, metadata=dict(metadata or {}), repo_id=repo_id, **storage)
         return upload_model(tmp, repo_id, **upload_options)
 
 

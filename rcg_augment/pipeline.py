@@ -305,8 +305,10 @@ class RCGPipeline(nn.Module):
             upload_model(directory, repo_id, **hub_options)
         return directory
 
-    def push_to_hub(self, repo_id: str, *, metadata: dict | None = None, **hub_options):
-        """Upload this pipeline (config, safetensors weights, model card) to the Hub as ``repo_id``.
+    def push_to_hub(self, repo_id: str, *, metadata: dict | None = None, dtype: torch.dtype = torch.float32,
+                    **hub_options):
+        """Upload this pipeline (config, safetensors weights in ``dtype`` as in :meth:`save_pretrained`,
+        model card) to the Hub as ``repo_id``.
 
         ``hub_options``: ``revision`` (a branch, created if missing), ``private``, ``token``,
         ``commit_message``, ``create_pr``. Returns the ``huggingface_hub.CommitInfo``.
@@ -318,7 +320,7 @@ class RCGPipeline(nn.Module):
         """
         from .hub import push_pipeline
 
-        return push_pipeline(self, repo_id, metadata=metadata, **hub_options)
+        return push_pipeline(self, repo_id, metadata=metadata, dtype=dtype, **hub_options)
 
     # ----------------------------------------------------------------- properties
     @property

@@ -185,6 +185,10 @@ def test_push_to_hub_then_load_by_id(fake_hub, cache, tmp_path):
     assert fake_hub[-1] == ("upload_folder", REPO, sorted(HUB_FILES))
     assert _same_weights(RCGPipeline.from_pretrained(REPO, cache_dir=cache, revision="exp"), pipe)
     assert commit is not None
+    # float16 storage on the Hub too
+    pipe.push_to_hub(REPO, dtype=torch.float16, revision="half")
+    half = RCGPipeline.from_pretrained(REPO, cache_dir=cache, revision="half")
+    assert half.config.metadata["weights_dtype"] == "float16" and {p.dtype for p in half.parameters()} == {torch.float32}
 
 
 def test_push_arguments_are_checked(tmp_path):
