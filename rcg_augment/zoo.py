@@ -1,6 +1,6 @@
 """Named models: what ships inside the package, with license and source; and the one resolver
 that turns a model name into a folder for every entry point (``RCGPipeline.from_pretrained``,
-both ``RCGAugment``s, ``RepresentationAugment``, ``build --model``, ``train --init``,
+``RCGAugment``, ``AlbuRCGAugment``, ``RepresentationAugment``, ``build --model``, ``train --init``,
 ``finetune --from``).
 
 A named model is a directory under ``rcg_augment/weights/<name>`` written by
@@ -39,6 +39,14 @@ MODEL_CARDS: dict[str, ModelCard] = {
         license="MIT (trained by this project); LFW images: see the LFW terms",
         source="rcg-augment recipe `faces-tiny`",
         recipe="rcg-augment finetune --recipe faces-tiny",
+    ),
+    "fashion-tiny": ModelCard(
+        name="fashion-tiny",
+        description="digits-tiny with all four stages fine-tuned on the 60,000 Fashion-MNIST train images "
+                    "(weights stored as float16, computed in float32).",
+        license="MIT (trained by this project); Fashion-MNIST images: MIT (Zalando Research)",
+        source="rcg-augment recipe `fashion-tiny`",
+        recipe="rcg-augment train all --recipe fashion-tiny",
     ),
 }
 

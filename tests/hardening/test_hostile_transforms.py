@@ -1,4 +1,4 @@
-"""Property tests: both RCGAugment APIs over hostile arrays give a correct output or one clear error.
+"""Property tests: RCGAugment and AlbuRCGAugment over hostile arrays give a correct output or one clear error.
 
 The input space: sizes from 0 to 4096 (1x1, 1x4096, 0-size), 1 to 5 channels, dtypes bool, uint8,
 uint16, int32, float16/32/64, and float values that may hold NaN, inf or values outside [0, 1].
