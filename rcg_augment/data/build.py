@@ -325,7 +325,7 @@ def build_synthetic(
                    records_per_shard=int(records_per_shard), quality_threshold=quality_threshold,
                    prototypes=prototypes, max_attempts=int(max_attempts), retrieval=retrieval)
         if out_dir.exists():  # refuse a foreign folder before the lock file is made in it
-            check_out_dir(out_dir)
+            check_out_dir(out_dir, overwrite=overwrite)
         out_dir.mkdir(parents=True, exist_ok=True)
         lock = BuildLock(out_dir, process_index, num_processes)
         try:

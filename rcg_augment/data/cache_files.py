@@ -182,11 +182,15 @@ def clear_cache(out_dir: Path) -> None:
         p.unlink()
 
 
-def check_out_dir(out_dir: Path) -> None:
+def check_out_dir(out_dir: Path, *, overwrite: bool = False) -> None:
+    """Refuse an ``out_dir`` that is a file, holds symlinks where the cache writes, or holds foreign files.
+
+    With ``overwrite`` the symlinks are not refused: ``clear_cache`` removes them (never their targets).
+    """
     if out_dir.exists() and not out_dir.is_dir():
         raise ValueError(f"`out_dir` {out_dir} exists and is not a directory; choose a directory path")
     links = sorted(name for name in OWN_NAMES if (out_dir / name).is_symlink())
-    if links:  # writing through them would write outside out_dir
+    if links and not overwrite:  # writing through them would write outside out_dir
         raise ValueError(f"`out_dir` {out_dir} holds symlinks where the cache writes ({', '.join(links)}); "
                          "remove them or choose a new directory")
     if (out_dir / PLAN_NAME).exists() or (out_dir / MANIFEST_NAME).exists():
