@@ -185,15 +185,24 @@ def _training_table(records) -> list[str]:
     if not rows:
         return ["No training records: this model was not trained with rcg-augment's trainers (or its metadata "
                 "was removed)."]
-    lines = ["| stage | steps | effective batch | lr | data | images | final loss | started from |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = ["| stage | steps | effective batch | lr | data | images | final loss | time | started from |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         start = r.get("finetuned_from") or r.get("init")
         recipe = f" (recipe {r['recipe']})" if r.get("recipe") else ""
         lines.append("| " + " | ".join(_cell(v) for v in (
             r.get("stage"), r.get("steps"), r.get("effective_batch"), r.get("lr"), r.get("data"),
-            r.get("num_images"), r.get("final_loss"), start)) + recipe + " |")
+            r.get("num_images"), r.get("final_loss"), _duration(r), start)) + recipe + " |")
     return lines
+
+
+def _duration(record) -> str | None:
+    seconds = record.get("seconds")
+    if not isinstance(seconds, (int, float)):
+        return None
+    threads = record.get("torch_threads")
+    where = f" ({record.get('device', 'cpu')}, {threads} thread{'s' if threads != 1 else ''})" if threads else ""
+    return (f"{seconds / 60:.0f} min" if seconds >= 90 else f"{seconds:.0f} s") + where
 
 
 def model_card(config, *, repo_id: str | None = None) -> str:

@@ -18,6 +18,8 @@ import dataclasses
 import json
 from pathlib import Path
 
+import torch
+
 from rcg_augment import RCGPipeline
 
 WEIGHTS = Path(__file__).resolve().parents[1] / "rcg_augment" / "weights"
@@ -33,6 +35,8 @@ def main() -> None:
     ap.add_argument("--default", action="append", default=[], metavar="KEY=VALUE",
                     help="a sampling default (JSON value), e.g. repaint_fraction=0.7")
     ap.add_argument("--defaults-chosen-by", default=None)
+    ap.add_argument("--float16", action="store_true",
+                    help="store the floating-point weights as float16 (half the bytes); they load as float32")
     args = ap.parse_args()
     pipe = RCGPipeline.from_pretrained(args.folder)
     meta = pipe.config.metadata
@@ -54,8 +58,22 @@ def main() -> None:
     if args.defaults_chosen_by:
         meta["defaults_chosen_by"] = args.defaults_chosen_by
     pipe.resolve_settings()  # the defaults must be valid for this model
-    out = pipe.save_pretrained(WEIGHTS / args.name)
+    # The training machine's folders stay out of the card: "/abs/path/runs/x" -> "runs/x".
+    machine_prefix = str(Path(args.folder).resolve().parent) + "/"
+    pipe.config.metadata = _scrub(pipe.config.metadata, machine_prefix, "runs/")
+    pipe.config.metadata.pop("weights_storage", None)  # the older key; save_pretrained records weights_dtype
+    out = pipe.save_pretrained(WEIGHTS / args.name, dtype=torch.float16 if args.float16 else torch.float32)
     print(f"bundled {args.folder} as {out}")
+
+
+def _scrub(value, prefix: str, replacement: str):
+    if isinstance(value, str):
+        return value.replace(prefix, replacement)
+    if isinstance(value, dict):
+        return {k: _scrub(v, prefix, replacement) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_scrub(v, prefix, replacement) for v in value]
+    return value
 
 
 if __name__ == "__main__":

@@ -259,7 +259,8 @@ def test_model_card_says_what_how_license_use_and_limits(tmp_path):
     pipe = micro_pipeline()
     pipe.config.metadata.update({
         "training": [{"stage": "rdm", "steps": 40, "effective_batch": 8, "lr": 1e-3, "data": "digits",
-                      "num_images": 32, "final_loss": 0.5, "init": "preset tiny", "recipe": "digits-tiny"}],
+                      "num_images": 32, "final_loss": 0.5, "init": "preset tiny", "recipe": "digits-tiny",
+                      "seconds": 150.0, "torch_threads": 2, "device": "cpu"}],
         "limits": ["label kept by 73% of variants at noise 0.3 (benchmarks/speed_quality.py)"],
     })
     directory = pipe.save_pretrained(tmp_path / "m", metadata={"license": "MIT (trained by rcg-augment)"})
@@ -269,7 +270,8 @@ def test_model_card_says_what_how_license_use_and_limits(tmp_path):
     for section in ("## What it is", "## How to use", "## How it was trained", "## License", "## Intended use",
                     "## Measured limits"):
         assert section in card
-    assert "| rdm | 40 | 8 | 0.001 | digits | 32 | 0.5 | preset tiny (recipe digits-tiny) |" in card
+    assert "| rdm | 40 | 8 | 0.001 | digits | 32 | 0.5 | 2 min (cpu, 2 threads) | preset tiny (recipe digits-tiny) |" \
+        in card
     assert "label kept by 73% of variants" in card
     assert "MIT (trained by rcg-augment)" in card and "CC BY-NC 4.0" in card
     assert json.loads((directory / "config.json").read_text())["metadata"]["weights_sha256"] in card

@@ -169,6 +169,23 @@ class _Run:
                 f.write(json.dumps(record) + "\n")
 
 
+def _earlier_pieces_seconds(log_path: Path, stage: str) -> float:
+    """Seconds of the stopped pieces of the run now finishing: the log's ``end`` events of ``stage``
+    since its last completed one."""
+    total = 0.0
+    if not log_path.is_file():
+        return total
+    for line in log_path.read_text().splitlines():
+        try:
+            event = json.loads(line)
+        except ValueError:
+            continue
+        if event.get("event") != "end" or event.get("stage") != stage:
+            continue
+        total = 0.0 if event.get("completed") else total + float(event.get("seconds") or 0.0)
+    return total
+
+
 @dataclass
 class _Modules:
     """The trainable side of a run, after ``accelerator.prepare``."""
@@ -438,6 +455,7 @@ def _finish(run: _Run, pipe: RCGPipeline, m: _Modules, source: ImageSource, step
         p.requires_grad_(m.requires_grad.get(n, True))
     pipe.eval()
     seconds = time.monotonic() - run.t_start
+    wall = round(seconds + _earlier_pieces_seconds(run.out_dir / LOG_NAME, stage.name), 1)
     record = {"stage": stage.name, "steps": step, "total_steps": config.steps, "completed": completed,
               "effective_batch": run.hp.effective_batch, "lr": run.hp.lr, "seed": config.seed, "data": source.name,
               # the stage's options (crops, flips, MAGE's training options such as rep_crop)
@@ -446,6 +464,7 @@ def _finish(run: _Run, pipe: RCGPipeline, m: _Modules, source: ImageSource, step
               # CPU kernels split their sums by thread count: the same seed on another thread
               # count (or torch build) gives other bytes, so a reproduction needs both
               "torch_threads": torch.get_num_threads(), "torch": torch.__version__, "device": str(run.device),
+              "seconds": wall,  # this piece and the stopped pieces it resumed
               **({"run_name": config.run_name} if config.run_name else {}), **(metadata or {})}
     accelerator.wait_for_everyone()
     if run.main:

@@ -103,6 +103,10 @@ def test_resume_continues_the_same_run(tmp_path):
     assert _losses(first) + _losses(second) == _losses(full)
     a, b = RCGPipeline.from_pretrained(tmp_path / "full"), RCGPipeline.from_pretrained(tmp_path / "split")
     assert a.fingerprint() == b.fingerprint()
+    # the training record's time counts both pieces (the model card's time column)
+    record = b.config.metadata["training"][-1]
+    assert abs(record["seconds"] - (first.seconds + second.seconds)) < 0.1
+    assert "| time |" in (tmp_path / "split" / "README.md").read_text()
     # finished: checkpoints cleaned up, a second call skips the stage
     assert not list((tmp_path / "split" / "checkpoints" / "mage").glob("step_*"))
     again = train_stage("mage", digits_source(), tmp_path / "split", init=micro_pipeline(), **kw)
