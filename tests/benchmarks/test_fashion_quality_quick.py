@@ -34,6 +34,11 @@ def test_quick_run_reports_judge_and_preservation(tmp_path, fashion_quality, one
     assert [r["noise_level"] for r in report["rows"]] == [0.0, 1.0] and report["sources"] == 20
     for r in report["rows"]:
         assert r["rms_between_variants"] >= 0 and r["rms_to_source"] > 0
-    assert (tmp_path / "out" / "fashion_quality_model_quick.md").read_text().startswith("# Fashion-MNIST")
+    fidelity = report["fidelity"]
+    for key in ("tokenizer_round_trip", "encoder_nearest_neighbour", "mage_from_own_representation"):
+        assert 0 <= fidelity[key] <= 1
+    assert set(fidelity["reconstruct_at_defaults"]) == {"0", "1"}
+    md = (tmp_path / "out" / "fashion_quality_model_quick.md").read_text()
+    assert md.startswith("# Fashion-MNIST") and "VQ tokenizer round trip" in md
     # the judge is cached: a second run reads it instead of training
     assert list((tmp_path / "out").glob("fashion_judge_*.pt"))
