@@ -32,8 +32,8 @@ from typing import Any
 import numpy as np
 
 # The recommended `noise_level` wherever a caller gives none (reconstruct, the transforms, the
-# CLI's `build --noise-level`): variants stay in class while still differing (README, "How
-# faithful are the variants?").
+# CLI's `build --noise-level`): variants stay in class while still differing (docs/results.md,
+# "Fidelity against variety").
 DEFAULT_NOISE_LEVEL = 0.3
 # The value a cache or a call records when the source is fully repainted (the official decoding).
 FULL_REPAINT = 1.0

@@ -8,7 +8,7 @@ Equivalent to
 Both train only on the benchmark pool (`rcg_augment.data.splits`): the few-shot benchmark's test
 images are never seen, and each model's metadata records their fingerprint. `faces-tiny` starts
 from the `digits-tiny` trained here (the bundled one was fine-tuned from the bundled
-`digits-tiny`). Measured times are in the README ("Bundled models"). Output folders load with
+`digits-tiny`). Measured times are in docs/training.md ("Bundled models") and each model card. Output folders load with
 `RCGPipeline.from_pretrained`; copy config.json and model.safetensors into
 `rcg_augment/weights/<name>/` to bundle them.
 

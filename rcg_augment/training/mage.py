@@ -147,8 +147,7 @@ class MAGEStage(Stage):
             crop of the same image (same ``crop_scale`` and ``hflip``), so one representation
             stands for several framings of its image and MAGE learns to vary them (without crops
             or flips the two are the same). On the tiny digits model this moved the
-            fidelity/variety curve outwards (benchmarks README, "The representation from its own
-            crop").
+            fidelity/variety curve outwards (docs/training.md, "Stage options").
         depth, decoder_depth: grow MAGE to this many encoder / decoder blocks before training
             (:func:`deepen_mage`: the added blocks start as the identity, so training continues
             from exactly the model it was given); None keeps the model's. The saved config
