@@ -13,10 +13,15 @@
    defaults (the noise-level rows).
 
 The test split is never seen by training, tuning or defaults; this script only reads it here.
+``--split train --repaint-fractions 0.7,0.85,1`` draws the sources from the train images instead
+and runs every (repaint fraction, noise level) pair: the frontier a model's defaults are chosen
+from without looking at the test images (no fidelity decomposition then: a train image's nearest
+train image is itself).
 
 Usage:
     python benchmarks/fashion_quality.py --model fashion-tiny
     python benchmarks/fashion_quality.py --model runs/fashion-tiny --sources 500 --noise-levels 0,0.3,0.6
+    python benchmarks/fashion_quality.py --model fashion-tiny --split train --repaint-fractions 0.7,0.85,1
     python benchmarks/fashion_quality.py --model DIR --data-root DIR --quick   # seconds (the tests' check)
 
 Writes fashion_quality_<model>.{json,md} to --out-dir (default runs/benchmarks/, git-ignored).
@@ -125,6 +130,10 @@ def main(argv=None) -> int:
     ap.add_argument("--sources", type=int, default=500)
     ap.add_argument("--variants", type=int, default=2)
     ap.add_argument("--noise-levels", default="0,0.3,0.6")
+    ap.add_argument("--repaint-fractions", default=None,
+                    help="comma-separated repaint fractions to run (default: the model's own)")
+    ap.add_argument("--split", choices=("test", "train"), default="test",
+                    help="where the sources come from: test (the report) or train (choosing defaults)")
     ap.add_argument("--judge-epochs", type=int, default=4)
     ap.add_argument("--batch-size", type=int, default=100)
     ap.add_argument("--seed", type=int, default=0)
@@ -156,60 +165,73 @@ def main(argv=None) -> int:
     t_judge = time.time() - t0
 
     rng = np.random.default_rng(args.seed)
-    chosen = np.sort(rng.choice(len(test), size=min(args.sources, len(test)), replace=False))
-    xs, ys = x_test[chosen], y_test[chosen]
+    if args.split == "test":
+        chosen = np.sort(rng.choice(len(test), size=min(args.sources, len(test)), replace=False))
+        xs, ys = x_test[chosen], y_test[chosen]
+    else:
+        chosen = np.sort(rng.choice(train_idx, size=min(args.sources, len(train_idx)), replace=False))
+        xs, ys = as_tensor(train, size, chosen), torch.as_tensor(np.asarray(train.labels)[chosen])
     real_acc = float((predict(judge, xs) == ys).float().mean())
     levels = [float(v) for v in args.noise_levels.split(",")]
-    rows = []
     settings = pipe.resolve_settings()
-    for level in levels:
-        variants = []
-        gen = torch.Generator().manual_seed(args.seed + 1)
-        for _ in range(args.variants):
-            outs = []
-            for i in range(0, len(xs), args.batch_size):
-                xb = xs[i:i + args.batch_size]
-                outs.append(pipe.reconstruct(xb, torch.full((len(xb),), level), generator=gen,
-                                             **settings.to_dict()).float().clamp(0, 1))
-            variants.append((torch.cat(outs) * 255).round() / 255)
-        kept = float(torch.stack([(predict(judge, v) == ys).float() for v in variants]).mean())
-        between = float(((variants[0] - variants[1]) ** 2).mean(dim=(1, 2, 3)).sqrt().mean()) \
-            if len(variants) > 1 else float("nan")
-        to_source = float(torch.stack([((v - xs) ** 2).mean(dim=(1, 2, 3)).sqrt() for v in variants]).mean())
-        rows.append({"noise_level": level, "judge_on_variants": kept, "of_real": kept / real_acc,
-                     "rms_between_variants": between, "rms_to_source": to_source})
-    fidelity = fidelity_decomposition(pipe, judge, train, train_idx, y_train, xs, ys, settings.to_dict(),
-                                      seed=args.seed, batch=args.batch_size)
-    fidelity["reconstruct_at_defaults"] = {f"{r['noise_level']:g}": r["judge_on_variants"] for r in rows}
+    repaints = ([float(v) for v in args.repaint_fractions.split(",")] if args.repaint_fractions
+                else [settings.repaint_fraction])
+    rows = []
+    for repaint in repaints:
+        cell = pipe.resolve_settings(settings, repaint_fraction=repaint)
+        for level in levels:
+            variants = []
+            gen = torch.Generator().manual_seed(args.seed + 1)
+            for _ in range(args.variants):
+                outs = []
+                for i in range(0, len(xs), args.batch_size):
+                    xb = xs[i:i + args.batch_size]
+                    outs.append(pipe.reconstruct(xb, torch.full((len(xb),), level), generator=gen,
+                                                 settings=cell).float().clamp(0, 1))
+                variants.append((torch.cat(outs) * 255).round() / 255)
+            kept = float(torch.stack([(predict(judge, v) == ys).float() for v in variants]).mean())
+            between = float(((variants[0] - variants[1]) ** 2).mean(dim=(1, 2, 3)).sqrt().mean()) \
+                if len(variants) > 1 else float("nan")
+            to_source = float(torch.stack([((v - xs) ** 2).mean(dim=(1, 2, 3)).sqrt() for v in variants]).mean())
+            rows.append({"repaint_fraction": repaint, "noise_level": level, "judge_on_variants": kept,
+                         "of_real": kept / real_acc, "rms_between_variants": between, "rms_to_source": to_source})
+    at_defaults = [r for r in rows if r["repaint_fraction"] == settings.repaint_fraction]
+    fidelity = None
+    if args.split == "test":
+        fidelity = fidelity_decomposition(pipe, judge, train, train_idx, y_train, xs, ys, settings.to_dict(),
+                                          seed=args.seed, batch=args.batch_size)
+        fidelity["reconstruct_at_defaults"] = {f"{r['noise_level']:g}": r["judge_on_variants"] for r in at_defaults}
     report = {
         "benchmark": "fashion_quality", "model": args.model,
         "model_fingerprint": pipe.fingerprint(), "settings": settings.to_dict(),
         "judge": {"architecture": "3 conv blocks 32-64-128 + linear", "epochs": args.judge_epochs,
                   "train_images": int(len(train_idx)), "test_accuracy": judge_acc, "seconds": round(t_judge, 1)},
-        "sources": int(len(chosen)), "variants": args.variants, "judge_on_real_sources": real_acc,
+        "split": args.split, "sources": int(len(chosen)), "variants": args.variants, "judge_on_real_sources": real_acc,
         "rows": rows, "fidelity": fidelity, "seconds": round(time.time() - t0, 1), "when": utc_now(), "machine": machine(),
         "versions": versions(), "command": "python benchmarks/fashion_quality.py " + " ".join(argv or sys.argv[1:]),
     }
-    stem = args.out_dir / f"fashion_quality_{name}{'_quick' if args.quick else ''}"
+    suffix = ("_train" if args.split == "train" else "") + ("_quick" if args.quick else "")
+    stem = args.out_dir / f"fashion_quality_{name}{suffix}"
     stem.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
     lines = [f"# Fashion-MNIST label preservation: {report['model']}", "",
              f"Judge: {report['judge']['architecture']}, {args.judge_epochs} epochs on {len(train_idx):,} train "
              f"images; test accuracy **{judge_acc:.3f}** (10,000 test images).", "",
-             f"{len(chosen)} test sources x {args.variants} variants at the model's defaults; judge on the real "
-             f"sources {real_acc:.3f}.", "",
-             "| noise level | judge on variants | of real | RMS between variants | RMS to source |",
-             "|---|---|---|---|---|"]
-    lines += [f"| {r['noise_level']:g} | {r['judge_on_variants']:.3f} | {r['of_real']:.3f} | "
-              f"{r['rms_between_variants']:.3f} | {r['rms_to_source']:.3f} |" for r in rows]
-    lines += ["", "Fidelity decomposition (judge accuracy on the same sources, stage by stage):", "",
-              "| stage | judge accuracy | of real |", "|---|---|---|",
-              f"| real test images | {real_acc:.3f} | 1.000 |"]
-    for label, key in (("VQ tokenizer round trip", "tokenizer_round_trip"),
-                       ("encoder 1-NN among the train images (its label)", "encoder_nearest_neighbour"),
-                       ("MAGE from the own representation", "mage_from_own_representation")):
-        lines.append(f"| {label} | {fidelity[key]:.3f} | {fidelity[key] / real_acc:.3f} |")
-    lines += [f"| reconstruct at the defaults, noise {r['noise_level']:g} | {r['judge_on_variants']:.3f} | "
-              f"{r['of_real']:.3f} |" for r in rows]
+             f"{len(chosen)} {args.split} sources x {args.variants} variants at the model's defaults "
+             f"(other settings: {settings.to_dict()}); judge on the real sources {real_acc:.3f}.", "",
+             "| repaint fraction | noise level | judge on variants | of real | RMS between variants | RMS to source |",
+             "|---|---|---|---|---|---|"]
+    lines += [f"| {r['repaint_fraction']:g} | {r['noise_level']:g} | {r['judge_on_variants']:.3f} | "
+              f"{r['of_real']:.3f} | {r['rms_between_variants']:.3f} | {r['rms_to_source']:.3f} |" for r in rows]
+    if fidelity is not None:
+        lines += ["", "Fidelity decomposition (judge accuracy on the same sources, stage by stage):", "",
+                  "| stage | judge accuracy | of real |", "|---|---|---|",
+                  f"| real test images | {real_acc:.3f} | 1.000 |"]
+        for label, key in (("VQ tokenizer round trip", "tokenizer_round_trip"),
+                           ("encoder 1-NN among the train images (its label)", "encoder_nearest_neighbour"),
+                           ("MAGE from the own representation", "mage_from_own_representation")):
+            lines.append(f"| {label} | {fidelity[key]:.3f} | {fidelity[key] / real_acc:.3f} |")
+        lines += [f"| reconstruct at the defaults, noise {r['noise_level']:g} | {r['judge_on_variants']:.3f} | "
+                  f"{r['of_real']:.3f} |" for r in at_defaults]
     lines += ["", f"Command: `{report['command']}`; {report['seconds']} s; model fingerprint "
               f"{report['model_fingerprint'][:16]}."]
     stem.with_suffix(".md").write_text("\n".join(lines) + "\n")

@@ -42,3 +42,18 @@ def test_quick_run_reports_judge_and_preservation(tmp_path, fashion_quality, one
     assert md.startswith("# Fashion-MNIST") and "VQ tokenizer round trip" in md
     # the judge is cached: a second run reads it instead of training
     assert list((tmp_path / "out").glob("fashion_judge_*.pt"))
+
+
+def test_train_split_frontier_runs_every_repaint_and_level(tmp_path, fashion_quality, one_torch_thread):
+    write_split(tmp_path / "fm", "train", 60)
+    write_split(tmp_path / "fm", "test", 30, seed=1)
+    model = micro_pipeline().save_pretrained(tmp_path / "model")
+    code = fashion_quality.main(["--model", str(model), "--data-root", str(tmp_path / "fm"), "--quick",
+                                 "--split", "train", "--repaint-fractions", "0.7,1", "--noise-levels", "0.3",
+                                 "--out-dir", str(tmp_path / "out")])
+    assert code == 0
+    report = json.loads((tmp_path / "out" / "fashion_quality_model_train_quick.json").read_text())
+    assert report["split"] == "train" and report["fidelity"] is None
+    assert [(r["repaint_fraction"], r["noise_level"]) for r in report["rows"]] == [(0.7, 0.3), (1.0, 0.3)]
+    # the two repaint fractions give different variants (the setting reaches the sampler)
+    assert report["rows"][0]["rms_to_source"] != report["rows"][1]["rms_to_source"]
