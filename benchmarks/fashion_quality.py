@@ -30,6 +30,7 @@ Writes fashion_quality_<model>.{json,md} to --out-dir (default runs/benchmarks/,
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import sys
 import time
@@ -132,6 +133,9 @@ def main(argv=None) -> int:
     ap.add_argument("--noise-levels", default="0,0.3,0.6")
     ap.add_argument("--repaint-fractions", default=None,
                     help="comma-separated repaint fractions to run (default: the model's own)")
+    ap.add_argument("--token-temperatures", default=None,
+                    help="comma-separated token temperatures to run (default: the model's own)")
+    ap.add_argument("--cfgs", default=None, help="comma-separated guidance scales to run (default: the model's own)")
     ap.add_argument("--split", choices=("test", "train"), default="test",
                     help="where the sources come from: test (the report) or train (choosing defaults)")
     ap.add_argument("--judge-epochs", type=int, default=4)
@@ -176,9 +180,12 @@ def main(argv=None) -> int:
     settings = pipe.resolve_settings()
     repaints = ([float(v) for v in args.repaint_fractions.split(",")] if args.repaint_fractions
                 else [settings.repaint_fraction])
+    token_temps = ([float(v) for v in args.token_temperatures.split(",")] if args.token_temperatures
+                   else [settings.token_temperature])
+    cfgs = [float(v) for v in args.cfgs.split(",")] if args.cfgs else [settings.cfg]
     rows = []
-    for repaint in repaints:
-        cell = pipe.resolve_settings(settings, repaint_fraction=repaint)
+    for repaint, token_temp, cfg in itertools.product(repaints, token_temps, cfgs):
+        cell = pipe.resolve_settings(settings, repaint_fraction=repaint, token_temperature=token_temp, cfg=cfg)
         for level in levels:
             variants = []
             gen = torch.Generator().manual_seed(args.seed + 1)
@@ -193,9 +200,10 @@ def main(argv=None) -> int:
             between = float(((variants[0] - variants[1]) ** 2).mean(dim=(1, 2, 3)).sqrt().mean()) \
                 if len(variants) > 1 else float("nan")
             to_source = float(torch.stack([((v - xs) ** 2).mean(dim=(1, 2, 3)).sqrt() for v in variants]).mean())
-            rows.append({"repaint_fraction": repaint, "noise_level": level, "judge_on_variants": kept,
+            rows.append({"repaint_fraction": repaint, "token_temperature": token_temp, "cfg": cfg, "noise_level": level, "judge_on_variants": kept,
                          "of_real": kept / real_acc, "rms_between_variants": between, "rms_to_source": to_source})
-    at_defaults = [r for r in rows if r["repaint_fraction"] == settings.repaint_fraction]
+    at_defaults = [r for r in rows if (r["repaint_fraction"], r["token_temperature"], r["cfg"])
+                   == (settings.repaint_fraction, settings.token_temperature, settings.cfg)]
     fidelity = None
     if args.split == "test":
         fidelity = fidelity_decomposition(pipe, judge, train, train_idx, y_train, xs, ys, settings.to_dict(),
@@ -218,9 +226,10 @@ def main(argv=None) -> int:
              f"images; test accuracy **{judge_acc:.3f}** (10,000 test images).", "",
              f"{len(chosen)} {args.split} sources x {args.variants} variants at the model's defaults "
              f"(other settings: {settings.to_dict()}); judge on the real sources {real_acc:.3f}.", "",
-             "| repaint fraction | noise level | judge on variants | of real | RMS between variants | RMS to source |",
-             "|---|---|---|---|---|---|"]
-    lines += [f"| {r['repaint_fraction']:g} | {r['noise_level']:g} | {r['judge_on_variants']:.3f} | "
+             "| repaint fraction | token temperature | cfg | noise level | judge on variants | of real "
+             "| RMS between variants | RMS to source |",
+             "|---|---|---|---|---|---|---|---|"]
+    lines += [f"| {r['repaint_fraction']:g} | {r['token_temperature']:g} | {r['cfg']:g} | {r['noise_level']:g} | {r['judge_on_variants']:.3f} | "
               f"{r['of_real']:.3f} | {r['rms_between_variants']:.3f} | {r['rms_to_source']:.3f} |" for r in rows]
     if fidelity is not None:
         lines += ["", "Fidelity decomposition (judge accuracy on the same sources, stage by stage):", "",
