@@ -80,7 +80,9 @@ def contact_sheet(
         y = _PAD + _TEXT_H + i * row_h
         sheet.paste(_fit(src, cell), (_PAD, y))
         draw.rectangle([_PAD - 1, y - 1, _PAD + cell, y + cell], outline=_SOURCE_FRAME)
-        draw.text((_PAD, y + cell + 1), str(labels[i])[: max(4, cell // 6)], fill=_INK, font=font)
+        # the label may run on under the first variant unless that cell carries its own "pool" tag
+        room = cell if (retrieved is not None and row and retrieved[i][0]) or not row else 2 * cell + _PAD
+        draw.text((_PAD, y + cell + 1), str(labels[i])[: max(4, room // 6)], fill=_INK, font=font)
         for j, v in enumerate(row):
             x = _PAD + (j + 1) * (cell + _PAD)
             sheet.paste(_fit(v, cell), (x, y))
