@@ -35,6 +35,8 @@ def main() -> None:
     ap.add_argument("--default", action="append", default=[], metavar="KEY=VALUE",
                     help="a sampling default (JSON value), e.g. repaint_fraction=0.7")
     ap.add_argument("--defaults-chosen-by", default=None)
+    ap.add_argument("--into", type=Path, default=None,
+                    help="the folder that receives <name>/ (default rcg_augment/weights, the package's bundled models)")
     ap.add_argument("--float16", action="store_true",
                     help="store the floating-point weights as float16 (half the bytes); they load as float32")
     args = ap.parse_args()
@@ -62,7 +64,7 @@ def main() -> None:
     machine_prefix = str(Path(args.folder).resolve().parent) + "/"
     pipe.config.metadata = _scrub(pipe.config.metadata, machine_prefix, "runs/")
     pipe.config.metadata.pop("weights_storage", None)  # the older key; save_pretrained records weights_dtype
-    out = pipe.save_pretrained(WEIGHTS / args.name, dtype=torch.float16 if args.float16 else torch.float32)
+    out = pipe.save_pretrained((args.into or WEIGHTS) / args.name, dtype=torch.float16 if args.float16 else torch.float32)
     print(f"bundled {args.folder} as {out}")
 
 
