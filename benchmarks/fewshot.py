@@ -1806,6 +1806,24 @@ def combine_arms(a: dict, b: dict) -> dict:
     return out
 
 
+_SAME_SETUP = ("test_size", "test_split_size", "pool_size", "retrieval_pool_size", "generation", "default_rcg",
+               "grid_points")
+
+
+def add_shot_counts(a: dict, b: dict) -> dict:
+    """Dataset results ``a`` with ``b``'s shot counts added: two runs on the same test images, pool,
+    model and grid at disjoint shot counts (each count keeps its own tuning and paired seeds)."""
+    if (a.get("provenance") or {}).get("fingerprint") != (b.get("provenance") or {}).get("fingerprint"):
+        raise SystemExit("merge: the two runs used different generative models")
+    out = dict(a, shots={**a["shots"], **b["shots"]}, tuning={**a["tuning"], **b["tuning"]})
+    out["shots"] = dict(sorted(out["shots"].items(), key=lambda kv: int(kv[0])))
+    out["tuning"] = dict(sorted(out["tuning"].items(), key=lambda kv: int(kv[0])))
+    for key in ("tuning_seconds", "seconds", "pool_encode_seconds"):
+        if key in a or key in b:
+            out[key] = (a.get(key) or 0.0) + (b.get(key) or 0.0)
+    return out
+
+
 def merge_reports(paths: list[Path], out_dir: Path) -> int:
     """One report from the datasets of several result JSONs (e.g. one run per dataset)."""
     reports = [json.loads(Path(p).read_text()) for p in paths]
@@ -1818,6 +1836,9 @@ def merge_reports(paths: list[Path], out_dir: Path) -> int:
             if before is not None and set(d["shots"]) <= set(before["shots"]) and all(
                     _choices(d["tuning"][k]) == _choices(before["tuning"][k]) for k in d["shots"]):
                 merged["datasets"][name] = combine_arms(before, d)  # same choices, same seeds: arms add up
+            elif before is not None and not set(d["shots"]) & set(before["shots"]) and all(
+                    before.get(key) == d.get(key) for key in _SAME_SETUP):
+                merged["datasets"][name] = add_shot_counts(before, d)  # another run's shot counts
             else:
                 if before is not None:
                     print(f"merge: {path} tuned {name} differently (or at other shot counts): its results "

@@ -256,6 +256,33 @@ def test_merge_refuses_runs_with_different_seed_counts():
         fs.combine_arms(a, result({"classical+rcg-default": [0.6, 0.6]}))  # no shared arm, still refused
 
 
+def test_merge_adds_another_runs_shot_counts_and_refuses_another_model(tmp_path, monkeypatch):
+    fs = load_script()
+    monkeypatch.setattr(fs, "markdown", lambda report: "")  # the tables need a full report; the data is tested
+    monkeypatch.setattr(fs, "plot", lambda report, path: None)
+
+    def run(shots, fingerprint="abc", test_size=100):
+        d = {"test_size": test_size, "provenance": {"fingerprint": fingerprint}, "seconds": 10.0,
+             "shots": {str(k): {"per_seed": {"classical": [0.1 * k, 0.2 * k]}} for k in shots},
+             "tuning": {str(k): {"classical": "randaugment"} for k in shots}}
+        return {"settings": {"quick": True, "arms": ["classical"]}, "date": "d", "command": f"run {shots}",
+                "wall_seconds": 1.0, "datasets": {"x": d}}
+
+    paths = []
+    for i, r in enumerate([run([5]), run([1, 2])]):
+        paths.append(tmp_path / f"r{i}.json")
+        paths[-1].write_text(json.dumps(r))
+    assert fs.merge_reports(paths, tmp_path / "out") == 0
+    merged = json.loads((tmp_path / "out" / "fewshot_quick.json").read_text())["datasets"]["x"]
+    assert list(merged["shots"]) == ["1", "2", "5"] and list(merged["tuning"]) == ["1", "2", "5"]
+    assert merged["shots"]["5"]["per_seed"]["classical"] == [0.5, 1.0] and merged["seconds"] == 20.0
+    with pytest.raises(SystemExit, match="different generative models"):
+        fs.add_shot_counts(run([1])["datasets"]["x"], run([2], fingerprint="other")["datasets"]["x"])
+    paths[1].write_text(json.dumps(run([1, 2], test_size=50)))  # other test images: not one table, later file wins
+    fs.merge_reports(paths, tmp_path / "out2")
+    assert list(json.loads((tmp_path / "out2" / "fewshot_quick.json").read_text())["datasets"]["x"]["shots"]) == ["1", "2"]
+
+
 # ============================================================================== the real-data arms (issue 31)
 def synthetic_task(fs, duplicate_test: bool = True):
     """4 classes x 12 images of noise; the last 2 of each class are the test split. With
