@@ -80,18 +80,23 @@ class PrototypeFilter:
 
     def accepts(self, pipe, images: torch.Tensor, labels) -> torch.Tensor:
         """(B,) bool: each image's representation is nearest to its own label's prototype."""
+        return self.accepts_representations(pipe.encode(images), labels)
+
+    def accepts_representations(self, reps: torch.Tensor, labels) -> torch.Tensor:
+        """``accepts`` for images already encoded: representations (B, rep_dim)."""
         labels = torch.as_tensor(labels, dtype=torch.long)
         if labels.numel() and (labels.min() < 0 or labels.max() >= self.num_classes):
             raise ValueError(f"`labels` must be in [0, {self.num_classes}), got values in "
                              f"[{int(labels.min())}, {int(labels.max())}]")
-        return (self.nearest(pipe.encode(images)).cpu() == labels.cpu())
+        return (self.nearest(reps).cpu() == labels.cpu())
 
 
 @torch.inference_mode()
 def reconstruct_with_labels(
     pipe, images: torch.Tensor, labels, noise_level, *, label_filter: PrototypeFilter,
     max_attempts: int = DEFAULT_MAX_ATTEMPTS, generator: torch.Generator | None = None,
-    quantize: bool = False, **generation,
+    quantize: bool = False, representations: torch.Tensor | None = None,
+    source_tokens: torch.Tensor | None = None, **generation,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``pipe.reconstruct`` with rejected variants drawn again, up to ``max_attempts`` draws each.
 
@@ -101,6 +106,8 @@ def reconstruct_with_labels(
         max_attempts: draws per image, >= 1 (1: filter only, no redraw).
         generator: every draw comes from it in order, so a seeded call is reproducible.
         quantize: judge the variant after rounding to 8 bits (what a uint8 cache stores).
+        representations, source_tokens: the images' representations and VQ tokens when already
+            computed (see ``RCGPipeline.reconstruct``): no draw encodes its sources again.
         **generation: what ``reconstruct`` takes for its generation settings: ``settings`` (a
             :class:`~rcg_augment.settings.GenerationSettings`) and keyword overrides
             (``repaint_fraction``, ``num_iter``...); each draw resolves them once.
@@ -109,6 +116,18 @@ def reconstruct_with_labels(
         ``(variants, accepted, attempts)``: variants (B, C, H, W) (quantized if ``quantize``; the
         last draw for rows never accepted), accepted (B,) bool, attempts (B,) draws used.
     """
+    out, accepted, attempts, _ = _reconstruct_with_labels(
+        pipe, images, labels, noise_level, label_filter=label_filter, max_attempts=max_attempts,
+        generator=generator, quantize=quantize, representations=representations, source_tokens=source_tokens,
+        **generation)
+    return out, accepted, attempts
+
+
+def _reconstruct_with_labels(pipe, images, labels, noise_level, *, label_filter, max_attempts, generator, quantize,
+                             representations=None, source_tokens=None, **generation):
+    """``reconstruct_with_labels`` that also returns the kept variants' representations (B, rep_dim),
+    the ones the filter judged, so a caller that needs them (the build's quality filter) does not
+    encode the variants again."""
     if int(max_attempts) != max_attempts or max_attempts < 1:
         raise ValueError(f"`max_attempts` must be an integer >= 1, got {max_attempts}")
     labels = torch.as_tensor(labels, dtype=torch.long).cpu()
@@ -119,20 +138,31 @@ def reconstruct_with_labels(
     out = images.new_zeros(images.shape, dtype=torch.float32)
     accepted = torch.zeros(n, dtype=torch.bool)
     attempts = torch.zeros(n, dtype=torch.long)
+    reps = None
     todo = torch.arange(n)
     for _ in range(int(max_attempts)):
         if todo.numel() == 0:
             break
         dev_idx = todo.to(images.device)
-        variant = pipe.reconstruct(images[dev_idx], levels[todo.to(levels.device)], generator=generator, **generation)
+        known = {}
+        if representations is not None:
+            known["representations"] = representations[todo.to(representations.device)]
+        if source_tokens is not None:
+            known["source_tokens"] = source_tokens[todo.to(source_tokens.device)]
+        variant = pipe.reconstruct(images[dev_idx], levels[todo.to(levels.device)], generator=generator,
+                                   **known, **generation)
         if quantize:
             variant = (variant.float().clamp(0, 1) * 255).round() / 255
-        ok = label_filter.accepts(pipe, variant, labels[todo])
+        rep = pipe.encode(variant)
+        ok = label_filter.accepts_representations(rep, labels[todo])
         out[dev_idx] = variant.to(out.dtype)
+        if reps is None:
+            reps = rep.new_zeros(n, rep.shape[1])
+        reps[todo.to(reps.device)] = rep
         attempts[todo] += 1
         accepted[todo[ok]] = True
         todo = todo[~ok]
-    return out, accepted, attempts
+    return out, accepted, attempts, reps
 
 
 __all__ = ["DEFAULT_MAX_ATTEMPTS", "PrototypeFilter", "reconstruct_with_labels"]

@@ -426,6 +426,42 @@ class RCGPipeline(nn.Module):
             return self.encoder(images).float()
 
     @torch.inference_mode()
+    def tokenize(self, images: torch.Tensor) -> torch.Tensor:
+        """Images (B, C, H, W) in [0, 1] -> their VQ token indices (B, grid * grid), at ``image_size``
+        (resized first when H, W differ): what ``reconstruct`` keeps of a source when
+        ``repaint_fraction`` < 1, computed once here to pass as its ``source_tokens``."""
+        return self._tokenize(self._check_images(images))
+
+    def _tokenize(self, images: torch.Tensor) -> torch.Tensor:
+        images = self._resize(images.to(self.device, torch.float32), (self.image_size, self.image_size))
+        with self._autocast():
+            return self.tokenizer.encode(images).flatten(1)
+
+    def _check_representations(self, rep: torch.Tensor, n: int) -> torch.Tensor:
+        d = self.config.encoder.rep_dim
+        if not isinstance(rep, torch.Tensor) or not rep.is_floating_point():
+            raise TypeError(f"`representations` must be a float tensor ({n}, {d}), got "
+                            f"{type(rep).__name__ if not isinstance(rep, torch.Tensor) else rep.dtype}")
+        if tuple(rep.shape) != (n, d):
+            raise ValueError(f"`representations` must have shape ({n}, {d}) (one per image, as `encode` "
+                             f"returns them), got {tuple(rep.shape)}")
+        if rep.numel() and not torch.isfinite(rep).all():
+            raise ValueError("`representations` contains NaN or infinite values")
+        return rep.to(self.device, torch.float32)
+
+    def _check_tokens(self, tokens: torch.Tensor, n: int) -> torch.Tensor:
+        length, vocab = self.config.tokenizer.grid_size ** 2, self.config.tokenizer.codebook_size
+        if not isinstance(tokens, torch.Tensor) or tokens.is_floating_point() or tokens.dtype == torch.bool:
+            raise TypeError(f"`source_tokens` must be an integer tensor ({n}, {length}) as `tokenize` returns it")
+        if tuple(tokens.shape) != (n, length):
+            raise ValueError(f"`source_tokens` must have shape ({n}, {length}) (one row per image, as "
+                             f"`tokenize` returns them), got {tuple(tokens.shape)}")
+        if tokens.numel() and (tokens.min() < 0 or tokens.max() >= vocab):
+            raise ValueError(f"`source_tokens` must be codebook indices in [0, {vocab}), got values in "
+                             f"[{int(tokens.min())}, {int(tokens.max())}]")
+        return tokens.to(self.device, torch.long)
+
+    @torch.inference_mode()
     def denoise_representations(
         self, rep: torch.Tensor, noise_level: float | torch.Tensor, *, generator: torch.Generator | None = None,
         settings: GenerationSettings | None = None, rdm_steps: int | None = None, eta: float | None = None,
@@ -462,14 +498,16 @@ class RCGPipeline(nn.Module):
         return self._render(rep, s, generator, source)
 
     def _render(self, rep: torch.Tensor, s: GenerationSettings, generator: torch.Generator | None,
-                source: torch.Tensor | None) -> torch.Tensor:
+                source: torch.Tensor | None, codes: torch.Tensor | None = None) -> torch.Tensor:
+        """``codes``: the source's VQ tokens (B, grid * grid) when already known (then ``source``
+        is not tokenized again)."""
         rep = rep.to(self.device, torch.float32)
         generator = derive_generator(generator, self.device)
         with self._autocast():
             start = None
-            if source is not None and s.repaint_fraction < FULL_REPAINT:
-                source = self._resize(source.to(self.device, torch.float32), (self.image_size, self.image_size))
-                codes = self.tokenizer.encode(source).flatten(1)
+            if (source is not None or codes is not None) and s.repaint_fraction < FULL_REPAINT:
+                if codes is None:
+                    codes = self._tokenize(source)
                 start = keep_source_tokens(codes, s.repaint_fraction, self.config.mage.mask_token_id,
                                            generator=generator)
             tokens = maskgit_decode(self.mage, rep, num_iter=s.num_iter, temperature=s.temperature, cfg=s.cfg,
@@ -484,6 +522,7 @@ class RCGPipeline(nn.Module):
         generator: torch.Generator | None = None, settings: GenerationSettings | None = None, cfg: float | None = None,
         temperature: float | None = None, num_iter: int | None = None, rdm_steps: int | None = None,
         eta: float | None = None, repaint_fraction: float | None = None, token_temperature: float | None = None,
+        representations: torch.Tensor | None = None, source_tokens: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """New images with the same semantics: encode, renoise + denoise the representation, render.
 
@@ -504,6 +543,11 @@ class RCGPipeline(nn.Module):
                 tokens, so variants stay closer to their source (see ``GenerationSettings``).
             token_temperature: temperature of MAGE's draw of each code, > 0: 1 is the official
                 sampling; lower follows the representation more faithfully, with less variety.
+            representations: the images' representations (B, rep_dim) as :meth:`encode` returns
+                them, when already computed (many variants of one source, a filter that needs them
+                too): the images are then not encoded again. Same values, same output.
+            source_tokens: the images' VQ tokens (B, grid * grid) as :meth:`tokenize` returns
+                them, likewise; used only when ``repaint_fraction`` < 1.
 
         Returns:
             A float tensor of the input's shape, in [0, 1].
@@ -519,8 +563,11 @@ class RCGPipeline(nn.Module):
         size = tuple(images.shape[-2:])
         s = self.resolve_settings(settings, cfg=cfg, temperature=temperature, num_iter=num_iter, rdm_steps=rdm_steps,
                                   eta=eta, repaint_fraction=repaint_fraction, token_temperature=token_temperature)
-        rep = self._denoise(self._encode(images), noise_level, s, generator)
-        out = self._render(rep, s, generator, images if s.repaint_fraction < FULL_REPAINT else None)
+        n = images.shape[0]
+        rep = self._encode(images) if representations is None else self._check_representations(representations, n)
+        codes = None if source_tokens is None else self._check_tokens(source_tokens, n)
+        rep = self._denoise(rep, noise_level, s, generator)
+        out = self._render(rep, s, generator, images if s.repaint_fraction < FULL_REPAINT else None, codes)
         return self._resize(out, size)
 
     @torch.inference_mode()

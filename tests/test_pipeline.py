@@ -86,6 +86,46 @@ def test_encode_is_normalised(pipe):
     torch.testing.assert_close(rep.std(1), torch.ones(5), atol=1e-4, rtol=0)
 
 
+@pytest.mark.parametrize("train", [False, True])
+def test_encode_rows_do_not_depend_on_the_batch(train):
+    """A source's representation is the same whether it is encoded alone or among 19 others (in
+    eval mode), so a build may encode each source once and share it among its variants."""
+    torch.manual_seed(0)
+    gray = RCGPipeline.from_preset("tiny", in_channels=1)
+    x = torch.rand(20, 1, 32, 32, generator=gen(3))
+    full = gray.encode(x)
+    for b in range(1, 21):
+        assert torch.equal(gray.encode(x[:b]), full[:b]), b
+        assert torch.equal(gray.tokenize(x[:b]), gray.tokenize(x)[:b]), b
+    assert gray.tokenize(x).shape == (20, 64) and gray.tokenize(x).dtype == torch.long
+    if train:  # training mode: BatchNorm uses the batch's statistics; no padding rows may enter them
+        gray.encoder.train()
+        enc = gray.encoder
+        with torch.no_grad():
+            feats = enc.features(x[:3])
+            plain = enc.head(enc.vit(enc.preprocess(x[:3])))
+        assert torch.equal(feats, plain)
+        gray.encoder.eval()
+
+
+def test_reconstruct_reuses_given_representations_and_tokens(pipe):
+    """``representations`` / ``source_tokens`` as ``encode`` / ``tokenize`` return them give the very
+    output of encoding inside the call; other representations give another output."""
+    x = torch.rand(4, 3, 32, 32, generator=gen(2))
+    kw = {**FAST, "repaint_fraction": 0.7}
+    ref = pipe.reconstruct(x, 0.3, generator=gen(0), **kw)
+    rep, tok = pipe.encode(x), pipe.tokenize(x)
+    assert torch.equal(pipe.reconstruct(x, 0.3, generator=gen(0), representations=rep, source_tokens=tok, **kw), ref)
+    assert torch.equal(pipe.reconstruct(x, 0.3, generator=gen(0), representations=rep, **kw), ref)
+    other = pipe.reconstruct(x, 0.3, generator=gen(0), representations=rep.flip(0), **kw)
+    assert not torch.equal(other, ref)
+    assert not torch.equal(pipe.reconstruct(x, 0.3, generator=gen(0), source_tokens=tok.flip(0), **kw), ref)
+    # at full repaint the source's tokens are not used
+    full = pipe.reconstruct(x, 0.3, generator=gen(0), **FAST, repaint_fraction=1.0)
+    assert torch.equal(pipe.reconstruct(x, 0.3, generator=gen(0), **FAST, repaint_fraction=1.0,
+                                        source_tokens=tok.flip(0)), full)
+
+
 def test_save_load_round_trip(pipe, tmp_path):
     pipe.save_pretrained(tmp_path / "m")
     loaded = RCGPipeline.from_pretrained(tmp_path / "m")
@@ -163,6 +203,14 @@ def test_unknown_named_model():
         (torch.rand(1, 3, 8, 8), {"num_iter": 0}, ValueError, "`num_iter` must be >= 1"),
         (torch.rand(1, 3, 8, 8), {"rdm_steps": 5000}, ValueError, "`rdm_steps` must be in"),
         ([[0.0]], {}, TypeError, "must be a torch.Tensor"),
+        (torch.rand(2, 3, 8, 8), {"representations": torch.rand(1, 256)}, ValueError,
+         r"`representations` must have shape \(2, 256\)"),
+        (torch.rand(1, 3, 8, 8), {"representations": torch.full((1, 256), float("inf"))}, ValueError, "infinite"),
+        (torch.rand(1, 3, 8, 8), {"representations": torch.ones(1, 256, dtype=torch.long)}, TypeError, "float tensor"),
+        (torch.rand(1, 3, 8, 8), {"source_tokens": torch.zeros(1, 3, dtype=torch.long)}, ValueError,
+         r"`source_tokens` must have shape \(1, 64\)"),
+        (torch.rand(1, 3, 8, 8), {"source_tokens": torch.full((1, 64), 256)}, ValueError, r"in \[0, 256\)"),
+        (torch.rand(1, 3, 8, 8), {"source_tokens": torch.zeros(1, 64)}, TypeError, "integer tensor"),
     ],
 )
 def test_reconstruct_input_errors(pipe, images, kwargs, error, match):

@@ -36,8 +36,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..label_filter import DEFAULT_MAX_ATTEMPTS, PrototypeFilter, reconstruct_with_labels
-from ..settings import GenerationSettings
+from ..label_filter import DEFAULT_MAX_ATTEMPTS, PrototypeFilter, _reconstruct_with_labels
+from ..settings import FULL_REPAINT, GenerationSettings
 from .cache_files import (
     MANIFEST_NAME,
     PLAN_NAME,
@@ -323,7 +323,7 @@ def build_synthetic(
                      label_filter=label_filter, max_attempts=max_attempts, retrieval=retrieval)
         job = _Job(pipe, sel, layout, plan, resolved, seed=int(seed), batch_size=int(batch_size),
                    records_per_shard=int(records_per_shard), quality_threshold=quality_threshold,
-                   prototypes=prototypes, max_attempts=int(max_attempts), retrieval=retrieval)
+                   prototypes=prototypes, max_attempts=int(max_attempts), retrieval=retrieval, source_reps=reps)
         if out_dir.exists():  # refuse a foreign folder before the lock file is made in it
             check_out_dir(out_dir, overwrite=overwrite)
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -449,6 +449,7 @@ class _Job:
     prototypes: PrototypeFilter | None
     max_attempts: int
     retrieval: _Retrieval | None
+    source_reps: torch.Tensor | None = None  # (num_sources, rep_dim): encoded once before the shards, if needed there
 
     @property
     def n_records(self) -> int:
@@ -651,18 +652,28 @@ def _generate_shard(job: _Job, lo: int, hi: int, bar) -> tuple[dict, int, dict |
                 inputs = torch.stack([sel.tensors[p] for p in unique_pos])
             else:
                 inputs = torch.stack([pil_to_tensor(sel.source.load(int(p)), size, channels) for p in unique_pos])
-            images = inputs[torch.from_numpy(inverse.reshape(-1))].to(pipe.device)
+            expand = torch.from_numpy(inverse.reshape(-1))
+            images = inputs[expand].to(pipe.device)
+            # Each source in the batch is encoded (and tokenized) once, whatever its number of
+            # variants; the variants, the filters and the draws all share that (same values as
+            # encoding every copy: the encoder's rows are batch-size invariant).
+            src_reps = (job.source_reps[torch.from_numpy(unique_pos)].to(pipe.device) if job.source_reps is not None
+                        else pipe.encode(inputs.to(pipe.device)))
+            known = {"representations": src_reps[expand]}
+            if job.settings.repaint_fraction < FULL_REPAINT:
+                known["source_tokens"] = pipe.tokenize(inputs.to(pipe.device))[expand]
             levels = [layout.levels[v // layout.K] for v in variant]
             noise = torch.tensor(levels, dtype=torch.float32, device=pipe.device)
             generator = torch.Generator().manual_seed(batch_seed(job.seed, np.stack([src_index, variant], 1)))
             keep = np.ones(len(g_pos), dtype=bool)
+            var_reps = None
             if job.prototypes is None:
-                rendered = pipe.reconstruct(images, noise, generator=generator, **job.settings.to_dict())
+                rendered = pipe.reconstruct(images, noise, generator=generator, **known, **job.settings.to_dict())
             else:
                 labels = torch.as_tensor([sel.source.labels[p] for p in g_pos], dtype=torch.long)
-                rendered, accepted, attempts = reconstruct_with_labels(
+                rendered, accepted, attempts, var_reps = _reconstruct_with_labels(
                     pipe, images, labels, noise, label_filter=job.prototypes, max_attempts=job.max_attempts,
-                    generator=generator, quantize=True, **job.settings.to_dict())
+                    generator=generator, quantize=True, **known, **job.settings.to_dict())
                 keep = accepted.numpy()
                 dropped += int((~keep).sum())
                 for lab, n_draws, ok in zip(labels.tolist(), attempts.tolist(), keep.tolist(), strict=False):
@@ -670,9 +681,9 @@ def _generate_shard(job: _Job, lo: int, hi: int, bar) -> tuple[dict, int, dict |
                     draws["accepted"][lab] += int(ok)
             pixels = (rendered.float().clamp(0, 1) * 255).round().to(torch.uint8)
             if job.quality_threshold is not None:
-                # Re-encode what is stored (the 8-bit image), so the filter judges the cache's bytes.
-                rep_src = pipe.encode(images)
-                rep_var = pipe.encode(pixels.float() / 255.0)
+                # Judge what is stored (the 8-bit image); the label filter already encoded exactly that.
+                rep_src = known["representations"]
+                rep_var = var_reps if var_reps is not None else pipe.encode(pixels.float() / 255.0)
                 cos = torch.nn.functional.cosine_similarity(rep_src, rep_var, dim=-1).cpu().numpy()
                 similar = cos >= float(job.quality_threshold)
                 dropped += int((keep & ~similar).sum())

@@ -108,6 +108,11 @@ def projection_head(in_dim: int, hidden_dim: int, out_dim: int) -> nn.Sequential
     )
 
 
+# Rows the projection head runs on at least (in eval mode): from 16 rows on, this CPU's GEMM gives
+# each row the same result whatever the row count (measured: 1-15 rows differ by ~1e-6 from 64).
+HEAD_MIN_ROWS = 16
+
+
 class RepresentationEncoder(nn.Module):
     """MoCo v3 ViT + projection head -> normalised representation.
 
@@ -154,7 +159,16 @@ class RepresentationEncoder(nn.Module):
         """Projection-head output before RCG's normalisation, (B, rep_dim)."""
         # timm >= 0.6 returns every token from forward_features; the ViT with num_classes=0 and
         # global_pool="token" returns the normalised cls token, which is what MoCo v3 projects.
-        return self.head(self.vit(self.preprocess(images)))
+        cls = self.vit(self.preprocess(images))
+        n = cls.shape[0]
+        if self.training or n >= HEAD_MIN_ROWS:
+            return self.head(cls)
+        # CPU GEMM kernels take another path (another summation order) for a matrix of few rows, so
+        # a source's representation would depend on how many images share its call. The ViT's
+        # token rows are many even for one image; the head's rows are one per image, so they are
+        # padded to HEAD_MIN_ROWS (eval mode: BatchNorm uses running statistics, rows stay independent).
+        padded = torch.cat([cls, cls.new_zeros(HEAD_MIN_ROWS - n, cls.shape[1])])
+        return self.head(padded)[:n]
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return normalize_representation(self.features(images))

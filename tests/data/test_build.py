@@ -76,22 +76,56 @@ def test_round_trip(image_folder, tmp_path, tiny_pipeline):
     assert label == 1 and synth.classes == ["cat", "dog"] and len(synth) == 36
 
 
-def test_png_pixels_are_the_pipeline_output(image_folder, tmp_path, tiny_pipeline):
-    """The stored image is reconstruct()'s output for that batch, quantised to 8 bits."""
+@pytest.mark.parametrize("repaint", [1.0, 0.7])
+def test_png_pixels_are_the_pipeline_output(image_folder, tmp_path, tiny_pipeline, repaint):
+    """The stored image is reconstruct()'s output for that batch (each source repeated, encoded
+    and tokenized with every copy), quantised to 8 bits."""
     import torch
 
     from rcg_augment.data import pil_to_tensor
 
     out = tmp_path / "cache"
-    build(image_folder, out, tiny_pipeline, variants_per_image=2, batch_size=4)
+    build(image_folder, out, tiny_pipeline, variants_per_image=2, batch_size=4, repaint_fraction=repaint)
     src = open_source(image_folder)
     x = torch.stack([pil_to_tensor(src[i][0], 32, 1) for i in (0, 0, 1, 1)])
     g = torch.Generator().manual_seed(batch_seed(0, np.array([[0, 0], [0, 1], [1, 0], [1, 1]])))
-    expected = tiny_pipeline.reconstruct(x, torch.full((4,), 0.4), generator=g, **FAST)
+    expected = tiny_pipeline.reconstruct(x, torch.full((4,), 0.4), generator=g, repaint_fraction=repaint, **FAST)
     expected = (expected * 255).round().to(torch.uint8)[:, 0].numpy()
     ds = load_synthetic(out)
     got = np.stack([np.asarray(ds[i]["image"]) for i in range(4)])
     np.testing.assert_array_equal(got, expected)
+
+
+@pytest.mark.parametrize("filters", [{}, {"label_filter": True, "max_attempts": 2, "quality_threshold": -1.0}])
+def test_each_source_encoded_once(make_folder, tmp_path, tiny_pipeline, monkeypatch, filters):
+    """A source with K variants is encoded (and VQ-tokenized) once, not K times; the label and
+    quality filters reuse its representation and the variants' own; the records are those of
+    encoding every copy (test above: reconstruct() on repeated images)."""
+    folder = make_folder(tmp_path / "imgs", per_class=3, classes=("a", "b"))
+    rows = {"encoder": 0, "tokenizer": 0}
+
+    def counting(module, name):
+        forward = module.forward
+
+        def wrapped(x, *a, **k):
+            rows[name] += x.shape[0]
+            return forward(x, *a, **k)
+        monkeypatch.setattr(module, "forward", wrapped)
+
+    counting(tiny_pipeline.encoder, "encoder")
+    counting(tiny_pipeline.tokenizer.encoder, "tokenizer")
+    s = build(folder, tmp_path / "cache", tiny_pipeline, variants_per_image=4, batch_size=8,
+              repaint_fraction=0.7, **filters)
+    monkeypatch.undo()
+    assert rows["tokenizer"] == 6
+    if not filters:
+        assert rows["encoder"] == 6
+    else:  # the 6 sources once, then each draw of a variant once (the label filter's redraws included)
+        draws = sum(v["generated"] for v in s.label_filter.values())
+        assert 24 <= draws <= 48 and rows["encoder"] == 6 + draws
+    ref = build(folder, tmp_path / "ref", tiny_pipeline, variants_per_image=4, batch_size=8,
+                repaint_fraction=0.7, **filters)
+    assert record_hashes(tmp_path / "ref") == record_hashes(tmp_path / "cache") and ref.records == s.records
 
 
 def test_same_seed_identical_records_other_seed_differs(image_folder, tmp_path, tiny_pipeline):
