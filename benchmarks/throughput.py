@@ -13,6 +13,10 @@ Usage:
     python benchmarks/throughput.py --quick         # seconds: tiny only, batch 1/8
     python benchmarks/throughput.py --device cuda   # bf16 autocast on GPU
 
+On CPU it also measures `rcg-augment build` at the defaults on digits-tiny and fashion-tiny (20
+images per class, 4 variants each) on 1 and 2 threads: variants/s, FLOPs per variant by stage and
+the achieved rate as a share of the matmul peak at that thread count.
+
 Writes throughput.json to --out (default runs/benchmarks/ at the repository root, git-ignored).
 """
 
@@ -140,6 +144,73 @@ def bench_model(name: str, pipe: RCGPipeline, batches: list[int], *, repeats: in
     return rows
 
 
+# The build's stages, as FlopCounterMode names the pipeline's top-level modules.
+BUILD_STAGES = {"RepresentationEncoder": "encoder", "RepresentationDenoiser": "rdm", "MAGE": "mage",
+                "Encoder": "vq_encode", "Decoder": "vq_decode"}
+
+
+def bench_build(model: str, *, threads: list[int], shots: int, variants: int, repeats: int) -> list[dict]:
+    """``rcg-augment build`` at the model's defaults on ``shots`` images per class of the model's own
+    dataset: variants/s (the build's generation rate and the wall rate, shard writing included) per
+    thread count, and FLOPs per variant by stage (counted over one whole build)."""
+    import tempfile
+
+    from rcg_augment.data import build_synthetic
+    from rcg_augment.settings import DEFAULT_NOISE_LEVEL
+
+    source = {"digits-tiny": "digits", "faces-tiny": "lfw-faces", "fashion-tiny": "fashion-mnist"}[model]
+    pipe = RCGPipeline.from_pretrained(model)
+    pipe.requires_grad_(False)
+    kwargs = dict(pipeline=pipe, variants_per_image=variants, noise_level=DEFAULT_NOISE_LEVEL, shots=shots,
+                  progress=False)
+    with tempfile.TemporaryDirectory() as tmp:
+        with FlopCounterMode(display=False) as counter:
+            counted = build_synthetic(source, Path(tmp) / "flops", **kwargs)
+        by_module = counter.get_flop_counts()
+        flops = {stage: sum(by_module.get(module, {}).values()) / counted.records
+                 for module, stage in BUILD_STAGES.items()}
+        total = sum(by_module["Global"].values()) / counted.records
+        flops["other"] = total - sum(flops.values())
+        rows = []
+        for n in threads:
+            torch.set_num_threads(n)
+            peak = matmul_peak(torch.device("cpu"))
+            best = None
+            for r in range(repeats):
+                t0 = time.perf_counter()
+                summary = build_synthetic(source, Path(tmp) / f"t{n}-{r}", **kwargs)
+                wall = time.perf_counter() - t0
+                if best is None or summary.variants_per_second > best[0].variants_per_second:
+                    best = (summary, wall)
+            summary, wall = best
+            rows.append({
+                "model": model, "source": source, "shots": shots, "variants_per_image": variants, "threads": n,
+                "records": summary.records, "settings": pipe.resolve_settings().to_dict(),
+                "variants_per_s": summary.variants_per_second, "wall_variants_per_s": summary.records / wall,
+                "gflops_per_variant": {k: v / 1e9 for k, v in flops.items()}, "gflops_per_variant_total": total / 1e9,
+                "achieved_gflops_s": total * summary.variants_per_second / 1e9,
+                "matmul_peak_gflops_s": peak / 1e9,
+                "share_of_peak": total * summary.variants_per_second / peak,
+            })
+            print(f"  build {model}, {n} thread(s): {summary.variants_per_second:.1f} variants/s", file=sys.stderr,
+                  flush=True)
+    return rows
+
+
+def build_table(rows: list[dict]) -> str:
+    stages = list(BUILD_STAGES.values()) + ["other"]
+    lines = ["| model | threads | variants | variants/s (generation) | variants/s (wall) | "
+             + " | ".join(f"{s} MFLOP" for s in stages) + " | GFLOP/variant | achieved GFLOP/s | matmul peak GFLOP/s "
+             "| share of peak |", "|" + "---|" * (10 + len(stages) - 1)]
+    for r in rows:
+        f = r["gflops_per_variant"]
+        lines.append(f"| {r['model']} | {r['threads']} | {r['records']} | {r['variants_per_s']:.1f} "
+                     f"| {r['wall_variants_per_s']:.1f} | " + " | ".join(f"{1e3 * f[s]:.0f}" for s in stages)
+                     + f" | {r['gflops_per_variant_total']:.3f} | {r['achieved_gflops_s']:.1f} "
+                     f"| {r['matmul_peak_gflops_s']:.1f} | {100 * r['share_of_peak']:.0f}% |")
+    return "\n".join(lines)
+
+
 def table(rows: list[dict], peak: float) -> str:
     head = ("| model | batch | encoder s | RDM s (steps) | MAGE s (iters) | decode s | s/batch | images/s "
             "| GFLOP/image | achieved GFLOP/s | % of matmul peak |")
@@ -163,6 +234,12 @@ def main(argv=None) -> int:
                     "(default: a random `tiny` preset; compute does not depend on the weights)")
     ap.add_argument("--cfg", type=float, default=None, help="guidance scale (default: the model's default)")
     ap.add_argument("--repeats", type=int, default=None)
+    ap.add_argument("--build-models", default=None,
+                    help="bundled models whose `build` at the defaults is measured, comma-separated "
+                         "(default digits-tiny,fashion-tiny; quick: digits-tiny; 'none' to skip)")
+    ap.add_argument("--build-shots", type=int, default=None,
+                    help="images per class the measured builds use (default 20; quick 1), 4 variants each")
+    ap.add_argument("--threads", default=None, help="thread counts of the build measurement (default 1,2; quick 1)")
     ap.add_argument("--out", default=None, help="JSON path (default runs/benchmarks/throughput[_quick].json at the repository root)")
     args = ap.parse_args(argv)
 
@@ -181,10 +258,21 @@ def main(argv=None) -> int:
         rows += bench_model("rcg-b (ViT-B shapes, 256 px)", big, [1, 8], repeats=max(1, repeats // 2),
                             end_to_end=False, cfg=args.cfg)
 
+    build_models = args.build_models or ("digits-tiny" if args.quick else "digits-tiny,fashion-tiny")
+    build_rows = []
+    if build_models != "none" and device.type == "cpu":
+        threads = [int(t) for t in (args.threads or ("1" if args.quick else "1,2")).split(",")]
+        before = torch.get_num_threads()
+        for model in build_models.split(","):
+            build_rows += bench_build(model, threads=threads, shots=args.build_shots or (1 if args.quick else 20),
+                                      variants=4, repeats=1 if args.quick else 2)
+        torch.set_num_threads(before)
+
     result = {
         "date": utc_now(), "machine": machine(device), "versions": versions(),
         "matmul_peak_gflops_s": peak / 1e9,
         "rows": rows,
+        "build": build_rows,
     }
     out = Path(args.out) if args.out else OUT_DIR / ("throughput_quick.json" if args.quick else "throughput.json")
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -198,6 +286,11 @@ def main(argv=None) -> int:
                   f"vs composed {r['composed_seconds_noise0.5']:.3f} s")
     print("\nparams: " + ", ".join(f"{r['model']}: " + ", ".join(f"{k} {v / 1e6:.1f}M" for k, v in r["params"].items())
                                      for r in rows if r["batch"] == 1))
+    if build_rows:
+        print("\nrcg-augment build at the model's defaults (4 variants per image; FLOPs per variant by stage, "
+              "counted with torch.utils.flop_counter over one build; share of the float32 matmul peak measured "
+              "at the same thread count):\n")
+        print(build_table(build_rows))
     print(f"JSON: {out}")
     return 0
 

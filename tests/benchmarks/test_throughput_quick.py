@@ -24,3 +24,13 @@ def test_throughput_quick(tmp_path):
     for row in data["rows"]:
         assert row["images_per_s"] > 0 and row["gflops_per_image"] > 0
         assert set(row["stage_seconds_per_batch"]) == {"encoder", "rdm", "mage", "decode"}
+    # the build at digits-tiny's defaults: a rate, FLOPs by stage that add up, a share of the peak
+    (build,) = data["build"]
+    assert build["model"] == "digits-tiny" and build["threads"] == 1 and build["records"] == 40
+    assert build["variants_per_s"] > 0 and build["wall_variants_per_s"] > 0
+    stages = build["gflops_per_variant"]
+    assert set(stages) == {"encoder", "rdm", "mage", "vq_encode", "vq_decode", "other"}
+    assert stages["mage"] > stages["encoder"] > 0 and stages["vq_decode"] > 0 and stages["rdm"] > 0
+    assert abs(sum(stages.values()) - build["gflops_per_variant_total"]) < 1e-6
+    assert 0 < build["share_of_peak"] < 1.5
+    assert "share of peak" in proc.stdout
