@@ -1022,8 +1022,16 @@ def validation_draw(d: DatasetData, shots: int, t: int, s: Settings) -> tuple[in
     seed = TUNING_SEED_BASE + t
     train = draw_shots(d.labels, d.pool, shots, seed)
     rest = np.setdiff1d(d.pool, train)
-    val = np.sort(np.random.default_rng([seed, 99]).choice(rest, size=min(s.val_size, len(rest)), replace=False))
+    val = np.sort(np.random.default_rng([seed, 99]).choice(rest, size=validation_size(s.val_size, len(rest)),
+                                                           replace=False))
     return seed, train, val
+
+
+def validation_size(val_size: int, rest: int) -> int:
+    """Validation images of a tuning draw: ``val_size``, but at most half of the pool images left
+    after the shots, so the real-data arms (which never search validation images) keep the other
+    half to retrieve from (lfw-faces' pool of 140 would otherwise be all validation)."""
+    return min(val_size, rest // 2)
 
 
 def tune(d: DatasetData, shots_list: list[int], s: Settings, reps, pipe: RCGPipeline, log,

@@ -42,6 +42,21 @@ def test_shot_draws_are_nested_and_stay_in_the_pool():
     assert not np.array_equal(fs.draw_shots(labels, pool, 5, 0), fs.draw_shots(labels, pool, 5, 1))
 
 
+def test_validation_draw_leaves_half_of_a_small_pool_to_search():
+    """A pool of 140 (lfw-faces) minus 10 shots: 65 validation images, 65 left for retrieval; a
+    large pool keeps the full validation size."""
+    fs = load_script()
+    assert fs.validation_size(300, 130) == 65
+    assert fs.validation_size(300, 1250) == 300
+    labels = np.repeat(np.arange(2), 70)
+    d = fs.DatasetData.__new__(fs.DatasetData)
+    d.labels, d.pool = labels, np.arange(140)
+    s = fs.Settings.__new__(fs.Settings)
+    s.val_size = 300
+    _, train, val = fs.validation_draw(d, 5, 0, s)
+    assert len(train) == 10 and len(val) == 65 and not set(val) & set(train)
+
+
 def test_t_interval_matches_the_closed_form():
     fs = load_script()
     ci = fs.t_interval([0.5, 0.7])  # mean 0.6, sd 0.1414, t(0.975, 1) = 12.706
