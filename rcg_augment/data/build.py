@@ -657,11 +657,12 @@ def _generate_shard(job: _Job, lo: int, hi: int, bar) -> tuple[dict, int, dict |
             # Each source in the batch is encoded (and tokenized) once, whatever its number of
             # variants; the variants, the filters and the draws all share that (same values as
             # encoding every copy: the encoder's rows are batch-size invariant).
+            inputs = inputs.to(pipe.device)
             src_reps = (job.source_reps[torch.from_numpy(unique_pos)].to(pipe.device) if job.source_reps is not None
-                        else pipe.encode(inputs.to(pipe.device)))
+                        else pipe.encode(inputs))
             known = {"representations": src_reps[expand]}
             if job.settings.repaint_fraction < FULL_REPAINT:
-                known["source_tokens"] = pipe.tokenize(inputs.to(pipe.device))[expand]
+                known["source_tokens"] = pipe.tokenize(inputs)[expand]
             levels = [layout.levels[v // layout.K] for v in variant]
             noise = torch.tensor(levels, dtype=torch.float32, device=pipe.device)
             generator = torch.Generator().manual_seed(batch_seed(job.seed, np.stack([src_index, variant], 1)))
