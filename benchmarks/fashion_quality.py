@@ -44,6 +44,7 @@ from torch import nn
 
 from rcg_augment import RCGPipeline
 from rcg_augment.data import open_source, pil_to_tensor
+from rcg_augment.label_filter import PrototypeFilter, reconstruct_with_labels
 
 OUT_DIR = Path(__file__).resolve().parents[1] / "runs" / "benchmarks"
 
@@ -124,6 +125,41 @@ def fidelity_decomposition(pipe, judge, train, train_idx, y_train, xs, ys, setti
     return out
 
 
+@torch.inference_mode()
+def preservation_row(pipe, judge, xs, ys, level: float, cell, label_filter, *, variants: int, batch: int,
+                     seed: int, real_acc: float) -> dict:
+    """Judge accuracy on ``variants`` 8-bit variants of each source, and their RMS distances. With a
+    ``label_filter``: variants redrawn until accepted (at most 4 draws), the never-accepted dropped,
+    so the judge scores only what a filtered build would store."""
+    drawn, kept_masks = [], []
+    gen = torch.Generator().manual_seed(seed + 1)
+    for _ in range(variants):
+        outs, oks = [], []
+        for i in range(0, len(xs), batch):
+            xb, yb = xs[i:i + batch], ys[i:i + batch]
+            levels = torch.full((len(xb),), level)
+            if label_filter is None:
+                out = pipe.reconstruct(xb, levels, generator=gen, settings=cell).float().clamp(0, 1)
+                ok = torch.ones(len(xb), dtype=torch.bool)
+            else:
+                out, ok, _ = reconstruct_with_labels(pipe, xb, yb, levels, label_filter=label_filter,
+                                                     generator=gen, quantize=True, settings=cell)
+            outs.append(out.float().clamp(0, 1))
+            oks.append(ok)
+        drawn.append((torch.cat(outs) * 255).round() / 255)
+        kept_masks.append(torch.cat(oks))
+    kept = torch.stack(kept_masks)  # (variants, sources)
+    right = torch.stack([(predict(judge, v) == ys) for v in drawn])
+    judged = float(right[kept].float().mean()) if kept.any() else float("nan")
+    both = kept[0] & kept[1] if variants > 1 else None
+    between = (float(((drawn[0] - drawn[1])[both] ** 2).mean(dim=(1, 2, 3)).sqrt().mean())
+               if both is not None and both.any() else float("nan"))
+    to_source = torch.stack([((v - xs) ** 2).mean(dim=(1, 2, 3)).sqrt() for v in drawn])
+    return {"noise_level": level, "label_filter": label_filter is not None, "kept_share": float(kept.float().mean()),
+            "judge_on_variants": judged, "of_real": judged / real_acc, "rms_between_variants": between,
+            "rms_to_source": float(to_source[kept].mean())}
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="fashion-tiny")
@@ -142,6 +178,10 @@ def main(argv=None) -> int:
     ap.add_argument("--batch-size", type=int, default=100)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--label-filter", type=int, default=0, metavar="N",
+                    help="also measure with the label filter (what `rcg-augment build --label-filter` does): "
+                         "class prototypes from N seeded train images per class, a variant redrawn up to "
+                         "4 times and dropped if never accepted; 0 (default) = off")
     ap.add_argument("--quick", action="store_true", help="seconds: 2,000 train images, 1 judge epoch, 20 sources")
     ap.add_argument("--out-dir", type=Path, default=OUT_DIR)
     args = ap.parse_args(argv)
@@ -183,27 +223,25 @@ def main(argv=None) -> int:
     token_temps = ([float(v) for v in args.token_temperatures.split(",")] if args.token_temperatures
                    else [settings.token_temperature])
     cfgs = [float(v) for v in args.cfgs.split(",")] if args.cfgs else [settings.cfg]
+    label_filter, proto_idx = None, None
+    if args.label_filter:
+        # the build's filter: prototypes from a few labelled images per class (seeded, train split only)
+        proto_rng = np.random.default_rng(args.seed + 2)
+        y_pool = np.asarray(train.labels)[train_idx]
+        proto_idx = np.sort(np.concatenate([proto_rng.choice(train_idx[y_pool == k], size=min(args.label_filter, int((y_pool == k).sum())), replace=False)
+                                            for k in np.unique(y_pool)]))
+        label_filter = PrototypeFilter.from_images(pipe, as_tensor(train, size, proto_idx),
+                                                   torch.as_tensor(np.asarray(train.labels)[proto_idx]))
     rows = []
     for repaint, token_temp, cfg in itertools.product(repaints, token_temps, cfgs):
         cell = pipe.resolve_settings(settings, repaint_fraction=repaint, token_temperature=token_temp, cfg=cfg)
         for level in levels:
-            variants = []
-            gen = torch.Generator().manual_seed(args.seed + 1)
-            for _ in range(args.variants):
-                outs = []
-                for i in range(0, len(xs), args.batch_size):
-                    xb = xs[i:i + args.batch_size]
-                    outs.append(pipe.reconstruct(xb, torch.full((len(xb),), level), generator=gen,
-                                                 settings=cell).float().clamp(0, 1))
-                variants.append((torch.cat(outs) * 255).round() / 255)
-            kept = float(torch.stack([(predict(judge, v) == ys).float() for v in variants]).mean())
-            between = float(((variants[0] - variants[1]) ** 2).mean(dim=(1, 2, 3)).sqrt().mean()) \
-                if len(variants) > 1 else float("nan")
-            to_source = float(torch.stack([((v - xs) ** 2).mean(dim=(1, 2, 3)).sqrt() for v in variants]).mean())
-            rows.append({"repaint_fraction": repaint, "token_temperature": token_temp, "cfg": cfg, "noise_level": level, "judge_on_variants": kept,
-                         "of_real": kept / real_acc, "rms_between_variants": between, "rms_to_source": to_source})
+            for filt in ([None, label_filter] if label_filter is not None else [None]):
+                rows.append(preservation_row(pipe, judge, xs, ys, level, cell, filt, variants=args.variants,
+                                             batch=args.batch_size, seed=args.seed, real_acc=real_acc))
+                rows[-1].update(repaint_fraction=repaint, token_temperature=token_temp, cfg=cfg)
     at_defaults = [r for r in rows if (r["repaint_fraction"], r["token_temperature"], r["cfg"])
-                   == (settings.repaint_fraction, settings.token_temperature, settings.cfg)]
+                   == (settings.repaint_fraction, settings.token_temperature, settings.cfg) and not r["label_filter"]]
     fidelity = None
     if args.split == "test":
         fidelity = fidelity_decomposition(pipe, judge, train, train_idx, y_train, xs, ys, settings.to_dict(),
@@ -215,6 +253,8 @@ def main(argv=None) -> int:
         "judge": {"architecture": "3 conv blocks 32-64-128 + linear", "epochs": args.judge_epochs,
                   "train_images": int(len(train_idx)), "test_accuracy": judge_acc, "seconds": round(t_judge, 1)},
         "split": args.split, "sources": int(len(chosen)), "variants": args.variants, "judge_on_real_sources": real_acc,
+        "label_filter": ({"prototypes_per_class": args.label_filter, "prototype_train_indices": proto_idx.tolist(),
+                          "max_attempts": 4} if args.label_filter else None),
         "rows": rows, "fidelity": fidelity, "seconds": round(time.time() - t0, 1), "when": utc_now(), "machine": machine(),
         "versions": versions(), "command": "python benchmarks/fashion_quality.py " + " ".join(argv or sys.argv[1:]),
     }
@@ -226,11 +266,17 @@ def main(argv=None) -> int:
              f"images; test accuracy **{judge_acc:.3f}** (10,000 test images).", "",
              f"{len(chosen)} {args.split} sources x {args.variants} variants at the model's defaults "
              f"(other settings: {settings.to_dict()}); judge on the real sources {real_acc:.3f}.", "",
-             "| repaint fraction | token temperature | cfg | noise level | judge on variants | of real "
-             "| RMS between variants | RMS to source |",
-             "|---|---|---|---|---|---|---|---|"]
-    lines += [f"| {r['repaint_fraction']:g} | {r['token_temperature']:g} | {r['cfg']:g} | {r['noise_level']:g} | {r['judge_on_variants']:.3f} | "
+             "| repaint fraction | token temperature | cfg | noise level | label filter | variants kept "
+             "| judge on variants | of real | RMS between variants | RMS to source |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    lines += [f"| {r['repaint_fraction']:g} | {r['token_temperature']:g} | {r['cfg']:g} | {r['noise_level']:g} | "
+              f"{'on' if r['label_filter'] else 'off'} | {r['kept_share']:.3f} | {r['judge_on_variants']:.3f} | "
               f"{r['of_real']:.3f} | {r['rms_between_variants']:.3f} | {r['rms_to_source']:.3f} |" for r in rows]
+    if args.label_filter:
+        lines += ["", f"Label filter: prototypes = mean representation of {args.label_filter} seeded train images "
+                  "per class; a rejected variant is drawn again up to 4 times in all and dropped if never "
+                  "accepted (`rcg-augment build --label-filter`); 'variants kept' is the share stored, the "
+                  "judge scores only those."]
     if fidelity is not None:
         lines += ["", "Fidelity decomposition (judge accuracy on the same sources, stage by stage):", "",
                   "| stage | judge accuracy | of real |", "|---|---|---|",

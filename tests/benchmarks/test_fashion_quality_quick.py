@@ -57,3 +57,24 @@ def test_train_split_frontier_runs_every_repaint_and_level(tmp_path, fashion_qua
     assert [(r["repaint_fraction"], r["noise_level"]) for r in report["rows"]] == [(0.7, 0.3), (1.0, 0.3)]
     # the two repaint fractions give different variants (the setting reaches the sampler)
     assert report["rows"][0]["rms_to_source"] != report["rows"][1]["rms_to_source"]
+
+
+def test_label_filter_rows_score_only_kept_variants(tmp_path, fashion_quality, one_torch_thread):
+    write_split(tmp_path / "fm", "train", 60)
+    write_split(tmp_path / "fm", "test", 30, seed=1)
+    model = micro_pipeline().save_pretrained(tmp_path / "model")
+    code = fashion_quality.main(["--model", str(model), "--data-root", str(tmp_path / "fm"), "--quick",
+                                 "--noise-levels", "0.5", "--label-filter", "2", "--out-dir", str(tmp_path / "out")])
+    assert code == 0
+    report = json.loads((tmp_path / "out" / "fashion_quality_model_quick.json").read_text())
+    off, on = report["rows"]
+    assert (off["label_filter"], on["label_filter"]) == (False, True)
+    assert off["kept_share"] == 1.0 and 0 <= on["kept_share"] <= 1
+    # the prototypes come from the train split, 2 per class present in it
+    protos = report["label_filter"]["prototype_train_indices"]
+    assert report["label_filter"]["prototypes_per_class"] == 2 and len(protos) == len(set(protos)) <= 20
+    # the fidelity decomposition still reads the unfiltered rows only
+    assert list(report["fidelity"]["reconstruct_at_defaults"]) == ["0.5"]
+    assert report["fidelity"]["reconstruct_at_defaults"]["0.5"] == off["judge_on_variants"]
+    md = (tmp_path / "out" / "fashion_quality_model_quick.md").read_text()
+    assert "| on |" in md and "| off |" in md and "Label filter: prototypes" in md
