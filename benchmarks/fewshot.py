@@ -211,6 +211,7 @@ class Settings:
     rr_interp: int = 8
     pool_cache: str | None = None
     regime: str = "standard"
+    first_seed: int = 0  # evaluation draws first_seed .. first_seed + seeds - 1 (fresh draws for a replication)
 
     def real_grid(self, kind: str) -> list[RealConfig]:
         if kind == "retrieval":
@@ -1303,7 +1304,8 @@ def run_dataset(d: DatasetData, pipe: RCGPipeline, s: Settings, log) -> dict:
     gen_cost = {str(k): {a: [] for a in arms} for k in shots_list}
     filter_stats = {str(k): {a: [] for a in arms} for k in shots_list}
     real_stats = {str(k): {a: [] for a in arms if a in REAL_ARMS} for k in shots_list}
-    for seed in range(s.seeds):
+    result["eval_seeds"] = list(range(s.first_seed, s.first_seed + s.seeds))
+    for i, seed in enumerate(result["eval_seeds"]):
         bank = VariantBank(d, draw_shots(d.labels, d.pool, max(shots_list), seed), pipe, s, ("eval", seed))
         gbank = GenBank(real, s, ("eval", seed)) if real is not None else None
         for k in shots_list:
@@ -1365,7 +1367,7 @@ def run_dataset(d: DatasetData, pipe: RCGPipeline, s: Settings, log) -> dict:
                 per[str(k)][arm].append(acc)
                 cost[str(k)][arm].append(time.perf_counter() - t + gen)
                 gen_cost[str(k)][arm].append(gen)
-        log(f"  {d.name} seed {seed + 1}/{s.seeds} done ({time.perf_counter() - t0:.0f} s): "
+        log(f"  {d.name} seed {i + 1}/{s.seeds} done ({time.perf_counter() - t0:.0f} s): "
             + "; ".join(f"{k}-shot " + " ".join(f"{a}={per[str(k)][a][-1]:.3f}" for a in arms) for k in shots_list))
     for k in shots_list:
         cell = {"per_seed": per[str(k)], "summary": {a: t_interval(v) for a, v in per[str(k)].items()},
@@ -1600,6 +1602,9 @@ def parse_args(argv=None) -> tuple[argparse.Namespace, Settings]:
     p.add_argument("--shots", action="append", default=[], metavar="[DATASET=]K,K",
                    help="shot counts per class (default digits=1,2,5,10 lfw-faces=1,2,5)")
     p.add_argument("--seeds", type=int, help="evaluation seeds (shot draws) per cell (default 10; quick 2)")
+    p.add_argument("--first-seed", type=int, default=0,
+                   help="the first evaluation seed (default 0): --first-seed 10 --seeds 20 draws 20 fresh shot sets, "
+                        "e.g. to replicate a result with --tuning-from its report")
     p.add_argument("--tune-seeds", type=int, help="tuning draws per shot count (default 3; quick 1)")
     p.add_argument("--arms", help="comma-separated subset of: " + ", ".join(ALL_ARMS)
                    + " (default: all but classical+rcg-online)")
@@ -1769,8 +1774,11 @@ def parse_args(argv=None) -> tuple[argparse.Namespace, Settings]:
         grid_gen_weight=grid_gen_weight, grid_novelty=onoff("--grid-novelty", args.grid_novelty),
         rr_noise=args.rr_noise, rr_shot_variants=pick(args.rr_shot_variants, 8, 1),
         rr_retrieved_variants=args.rr_retrieved_variants, rr_interp=pick(args.rr_interp, 8, 1),
-        pool_cache=str(args.pool_cache) if args.pool_cache else None, regime=regime,
+        pool_cache=str(args.pool_cache) if args.pool_cache else None, regime=regime, first_seed=args.first_seed,
     )
+    if not 0 <= s.first_seed <= TUNING_SEED_BASE - s.seeds:
+        p.error(f"--first-seed must be in [0, {TUNING_SEED_BASE - s.seeds}] (the tuning draws use seeds from "
+                f"{TUNING_SEED_BASE}), got {s.first_seed}")
     if min(s.rr_shot_variants, s.rr_retrieved_variants, s.rr_interp) < 1:
         p.error("--rr-shot-variants, --rr-retrieved-variants and --rr-interp must be >= 1")
     if args.threads < 1:
@@ -1832,6 +1840,14 @@ def add_shot_counts(a: dict, b: dict) -> dict:
     return out
 
 
+def eval_seeds(d: dict) -> list[int]:
+    """A dataset result's evaluation seeds (reports before --first-seed: 0 .. n - 1)."""
+    if "eval_seeds" in d:
+        return list(d["eval_seeds"])
+    cell = next(iter(d["shots"].values()))
+    return list(range(len(next(iter(cell["per_seed"].values())))))
+
+
 def merge_reports(paths: list[Path], out_dir: Path) -> int:
     """One report from the datasets of several result JSONs (e.g. one run per dataset)."""
     reports = [json.loads(Path(p).read_text()) for p in paths]
@@ -1841,6 +1857,9 @@ def merge_reports(paths: list[Path], out_dir: Path) -> int:
             raise SystemExit(f"{path}: cannot merge quick and full results")
         for name, d in r["datasets"].items():
             before = merged["datasets"].get(name)
+            if before is not None and eval_seeds(d) != eval_seeds(before):
+                raise SystemExit(f"merge: {path} evaluated {name} on other shot draws (seeds {eval_seeds(d)} vs "
+                                 f"{eval_seeds(before)}): one report holds one set of draws; keep it separate")
             if before is not None and set(d["shots"]) <= set(before["shots"]) and all(
                     _choices(d["tuning"][k]) == _choices(before["tuning"][k]) for k in d["shots"]):
                 merged["datasets"][name] = combine_arms(before, d)  # same choices, same seeds: arms add up

@@ -257,6 +257,20 @@ def test_tuning_from_reuses_choices_and_reproduces_the_arms(tmp_path):
     row = next(line for line in md.splitlines() if line.startswith("| (d) (b) + RCG cache, library defaults |"))
     assert row.endswith("| - |")  # no 2-shot result for the added arm
 
+    # --first-seed: fresh draws under the same tuning; seed 1 here is seed 1 there
+    proc = subprocess.run([*base, "--arms", "classical", "--first-seed", "1", "--out-dir", str(tmp_path / "later"),
+                           "--tuning-from", str(tuned)], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    c = json.loads((tmp_path / "later" / "fewshot_quick.json").read_text())["datasets"]["lfw-faces"]
+    assert c["eval_seeds"] == [1, 2] and a["eval_seeds"] == [0, 1]
+    assert c["shots"]["1"]["per_seed"]["classical"][0] == a["shots"]["1"]["per_seed"]["classical"][1]
+    proc = subprocess.run([sys.executable, str(SCRIPT), "merge", str(tuned), str(tmp_path / "later" / "fewshot_quick.json"),
+                           "--out-dir", str(tmp_path / "merged2")], capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0 and "other shot draws" in proc.stderr
+    proc = subprocess.run([*base, "--first-seed", "9999", "--out-dir", str(tmp_path / "bad")],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0 and "--first-seed must be in [0, 9998]" in proc.stderr
+
 
 def test_merge_refuses_runs_with_different_seed_counts():
     fs = load_script()
