@@ -36,6 +36,9 @@ Arms (same classifier, steps and batch size for every image arm):
   (m)/(n) retrieval+rcg      (i)/(j) + RCG images: variants of the shots, of the retrieved images,
                              both, or renders of shot-neighbour interpolations; their loss weight and
                              a novelty filter tuned (the complementarity options; see GenConfig)
+  (o) retrieval+classical+rcg-mix  (j) with (c)'s cached variants swapped in for the shots at (c)'s
+                             p: generation as an augmentation beside retrieval, no tuning of its own
+                             (needs the arms retrieval+classical and classical+rcg)
   The report gives every arm's gain over the best arm without generation (chosen on the tuning
   draws), paired over the same draws.
 
@@ -62,7 +65,7 @@ import logging
 import math
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -116,6 +119,7 @@ ARM_LABELS = {
     "pseudo-label+classical": "(l) (k) + classical",
     "retrieval+rcg": "(m) (i) + RCG images",
     "retrieval+rcg+classical": "(n) (j) + RCG images",
+    "retrieval+classical+rcg-mix": "(o) (j) + (c)'s RCG cache on the shots",
 }
 ALL_ARMS = list(ARM_LABELS)
 DEFAULT_ARMS = [a for a in ALL_ARMS if a != "classical+rcg-online"]  # the online arm costs ~30 min per dataset
@@ -131,6 +135,8 @@ def arm_reference(arm: str) -> str | None:
         return "classical"
     if arm in ("retrieval+rcg", "retrieval+rcg+classical"):
         return arm.replace("retrieval+rcg", "retrieval")  # what generation adds to retrieval (the issue's goal)
+    if arm == "retrieval+classical+rcg-mix":
+        return "retrieval+classical"
     if arm in ("retrieval", "pseudo-label"):
         return "none"
     if arm in ("retrieval+classical", "pseudo-label+classical"):
@@ -1329,6 +1335,15 @@ def run_dataset(d: DatasetData, pipe: RCGPipeline, s: Settings, log) -> dict:
                                                     classical_of(arm, tuned))
                     acc = accuracy(train_cnn(x, y, len(d.classes), image_arm, s, rs), x_test, y_test, s.device)
                     real_stats[str(k)][arm].append(stats)
+                elif arm == "retrieval+classical+rcg-mix":
+                    # (j)'s retrieved images beside the shots, and (c)'s cached variants swapped in for the
+                    # shots at (c)'s p: generation as augmentation of the shots, not as more images
+                    choice = tuned["real"]["retrieval+classical"]
+                    image_arm, _ = real_arm(real, train, [], RealConfig(**choice["config"]), tuned["classical"])
+                    rcg_arm, gen, _ = bank.arm(train, RCGConfig(**tuned["rcg"]), tuned["classical"], reps(train))
+                    image_arm = replace(image_arm, variants=rcg_arm.variants, counts=rcg_arm.counts, p=rcg_arm.p)
+                    t = time.perf_counter()
+                    acc = accuracy(train_cnn(x, y, len(d.classes), image_arm, s, rs), x_test, y_test, s.device)
                 elif arm == "none":
                     acc = accuracy(train_cnn(x, y, len(d.classes), ImageArm(), s, rs), x_test, y_test, s.device)
                 elif arm == "classical":
@@ -1700,6 +1715,9 @@ def parse_args(argv=None) -> tuple[argparse.Namespace, Settings]:
         if bad:
             p.error(f"--arms: unknown {bad}; choose from {ALL_ARMS}")
         arms = [a for a in ALL_ARMS if a in chosen]
+    if "retrieval+classical+rcg-mix" in arms and not {"retrieval+classical", "classical+rcg"} <= set(arms):
+        p.error("--arms: retrieval+classical+rcg-mix combines the tuned choices of retrieval+classical and "
+                "classical+rcg; name both too")
 
     def float_list(flag: str, text: str | None, full: str, quick: str, low: float, high: float) -> list[float]:
         text = text if text is not None else (quick if q else full)

@@ -15,7 +15,9 @@ Usage:
 
 On CPU it also measures `rcg-augment build` at the defaults on digits-tiny and fashion-tiny (20
 images per class, 4 variants each) on 1 and 2 threads: variants/s, FLOPs per variant by stage and
-the achieved rate as a share of the matmul peak at that thread count.
+the achieved rate as a share of the matmul peak at that thread count; and training throughput per
+stage (images/s) of the fashion-tiny recipe on the Fashion-MNIST train images, from two runs of
+each stage that differ by --train-steps steps (so start-up, data loading and the final save cancel).
 
 Writes throughput.json to --out (default runs/benchmarks/ at the repository root, git-ignored).
 """
@@ -197,6 +199,55 @@ def bench_build(model: str, *, threads: list[int], shots: int, variants: int, re
     return rows
 
 
+def bench_training(recipe_name: str, *, threads: list[int], steps: int, warmup: int = 2) -> list[dict]:
+    """Training throughput of each stage of a recipe, at its own settings (batch, options, init):
+    seconds per optimizer step from two runs of ``warmup`` and ``warmup + steps`` steps (the
+    difference cancels start-up and the final save), images/s, and what the recipe's full step
+    count then takes."""
+    import tempfile
+
+    from rcg_augment.training.api import open_data, train_stage
+    from rcg_augment.training.recipes import get_recipe
+
+    recipe = get_recipe(recipe_name)
+    source = open_data(recipe.data, list(recipe.classes) if recipe.classes else None)
+    rows = []
+    for n in threads:
+        torch.set_num_threads(n)
+        for stage in recipe.stages:
+            settings = {**recipe.common, **recipe.per_stage.get(stage, {})}
+            full_steps = settings["steps"]
+            # a short run: no intermediate checkpoints, no warm-up longer than the run, no bar
+            settings.update(checkpoint_every=0, log_every=max(warmup + steps, 1), progress=False)
+            if settings.get("warmup_steps"):
+                settings["warmup_steps"] = 0
+            seconds = {}
+            for k in (warmup, warmup + steps):
+                with tempfile.TemporaryDirectory() as tmp:
+                    t0 = time.perf_counter()
+                    train_stage(stage, source, tmp, init=recipe.init, preset=recipe.preset,
+                                in_channels=recipe.in_channels, pipeline_overrides=recipe.pipeline or None,
+                                **{**settings, "steps": k})
+                    seconds[k] = time.perf_counter() - t0
+            per_step = max(seconds[warmup + steps] - seconds[warmup], 1e-9) / steps
+            batch = settings["batch_size"] * settings.get("grad_accum", 1)
+            rows.append({"recipe": recipe_name, "stage": stage, "threads": n, "batch_size": batch,
+                         "measured_steps": steps, "seconds_per_step": per_step, "images_per_s": batch / per_step,
+                         "recipe_steps": full_steps, "recipe_minutes": full_steps * per_step / 60,
+                         "data": recipe.data, "images": len(source)})
+            print(f"  train {recipe_name} {stage}, {n} thread(s): {batch / per_step:.1f} images/s", file=sys.stderr,
+                  flush=True)
+    return rows
+
+
+def training_table(rows: list[dict]) -> str:
+    lines = ["| recipe | stage | threads | batch | s / step | images/s | recipe steps | recipe time (min) |",
+             "|---|---|---|---|---|---|---|---|"]
+    lines += [f"| {r['recipe']} | {r['stage']} | {r['threads']} | {r['batch_size']} | {r['seconds_per_step']:.3f} | "
+              f"{r['images_per_s']:.1f} | {r['recipe_steps']:,} | {r['recipe_minutes']:.1f} |" for r in rows]
+    return "\n".join(lines)
+
+
 def build_table(rows: list[dict]) -> str:
     stages = list(BUILD_STAGES.values()) + ["other"]
     lines = ["| model | threads | variants | variants/s (generation) | variants/s (wall) | "
@@ -240,6 +291,11 @@ def main(argv=None) -> int:
     ap.add_argument("--build-shots", type=int, default=None,
                     help="images per class the measured builds use (default 20; quick 1), 4 variants each")
     ap.add_argument("--threads", default=None, help="thread counts of the build measurement (default 1,2; quick 1)")
+    ap.add_argument("--train-recipe", default=None,
+                    help="recipe whose training throughput per stage is measured (default fashion-tiny; quick: "
+                         "digits-tiny; 'none' to skip)")
+    ap.add_argument("--train-steps", type=int, default=None,
+                    help="optimizer steps timed per stage (default 20; quick 2)")
     ap.add_argument("--out", default=None, help="JSON path (default runs/benchmarks/throughput[_quick].json at the repository root)")
     args = ap.parse_args(argv)
 
@@ -267,12 +323,20 @@ def main(argv=None) -> int:
             build_rows += bench_build(model, threads=threads, shots=args.build_shots or (1 if args.quick else 20),
                                       variants=4, repeats=1 if args.quick else 2)
         torch.set_num_threads(before)
+    train_recipe = args.train_recipe or ("digits-tiny" if args.quick else "fashion-tiny")
+    train_rows = []
+    if train_recipe != "none" and device.type == "cpu":
+        threads = [int(t) for t in (args.threads or ("1" if args.quick else "1,2")).split(",")]
+        before = torch.get_num_threads()
+        train_rows = bench_training(train_recipe, threads=threads, steps=args.train_steps or (2 if args.quick else 20))
+        torch.set_num_threads(before)
 
     result = {
         "date": utc_now(), "machine": machine(device), "versions": versions(),
         "matmul_peak_gflops_s": peak / 1e9,
         "rows": rows,
         "build": build_rows,
+        "training": train_rows,
     }
     out = Path(args.out) if args.out else OUT_DIR / ("throughput_quick.json" if args.quick else "throughput.json")
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -291,6 +355,10 @@ def main(argv=None) -> int:
               "counted with torch.utils.flop_counter over one build; share of the float32 matmul peak measured "
               "at the same thread count):\n")
         print(build_table(build_rows))
+    if train_rows:
+        print("\nTraining throughput per stage (the recipe's own settings; seconds per step from two runs that "
+              "differ only in their step count):\n")
+        print(training_table(train_rows))
     print(f"JSON: {out}")
     return 0
 

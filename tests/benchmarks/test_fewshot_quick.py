@@ -427,7 +427,7 @@ def test_novel_regime_refuses_a_model_not_trained_on_the_base_classes_only():
 
 def test_real_data_arms_run_in_quick_mode(tmp_path):
     arms = ["none", "classical", "retrieval", "retrieval+classical", "pseudo-label", "pseudo-label+classical",
-            "classical+rcg", "retrieval+rcg", "retrieval+rcg+classical"]
+            "classical+rcg", "retrieval+rcg", "retrieval+rcg+classical", "retrieval+classical+rcg-mix"]
     proc = subprocess.run(
         [sys.executable, str(SCRIPT), "--quick", "--datasets", "digits", "--arms", ",".join(arms),
          "--out-dir", str(tmp_path), "--pool-cache", str(tmp_path / "pools")],
@@ -456,6 +456,15 @@ def test_real_data_arms_run_in_quick_mode(tmp_path):
         diff = np.asarray(cell["per_seed"][arm]) - np.asarray(cell["per_seed"][best["reference"]])
         assert v["mean"] == pytest.approx(diff.mean())
     assert cell["real_stats"]["retrieval"]["extra"] == 10 * 2  # 10 shots x K=2
+    # (o) = (j)'s retrieval with (c)'s variants: with (c) at p = 0 it trains exactly as (j)
+    assert cell["paired"]["retrieval+classical+rcg-mix"]["reference"] == "retrieval+classical"
+    if tuned["rcg"]["p"] == 0:
+        assert cell["per_seed"]["retrieval+classical+rcg-mix"] == cell["per_seed"]["retrieval+classical"]
+    else:
+        assert cell["generation_seconds_per_run"]["retrieval+classical+rcg-mix"] > 0
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--quick", "--arms", "classical+rcg,retrieval+classical+rcg-mix",
+                           "--out-dir", str(tmp_path / "bad")], capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0 and "name both too" in proc.stderr
     assert cell["generation_seconds_per_run"]["retrieval+rcg"] > 0
     md = (tmp_path / "fewshot_quick.md").read_text()
     for label in ("(i) retrieval", "(k) pseudo-label", "(m) (i) + RCG images", "Gain over the best arm without "

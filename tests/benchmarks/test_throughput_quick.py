@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -34,3 +36,11 @@ def test_throughput_quick(tmp_path):
     assert abs(sum(stages.values()) - build["gflops_per_variant_total"]) < 1e-6
     assert 0 < build["share_of_peak"] < 1.5
     assert "share of peak" in proc.stdout
+    # training throughput per stage of the quick recipe (digits-tiny: every stage, from scratch)
+    stages = [r["stage"] for r in data["training"]]
+    assert stages == ["encoder", "tokenizer", "rdm", "mage"]
+    for r in data["training"]:
+        assert r["recipe"] == "digits-tiny" and r["threads"] == 1 and r["measured_steps"] == 2
+        assert r["seconds_per_step"] > 0 and abs(r["images_per_s"] * r["seconds_per_step"] - r["batch_size"]) < 1e-6
+        assert r["recipe_minutes"] == pytest.approx(r["recipe_steps"] * r["seconds_per_step"] / 60)
+    assert "Training throughput per stage" in proc.stdout
