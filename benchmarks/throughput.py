@@ -277,6 +277,23 @@ def table(rows: list[dict], peak: float) -> str:
     return "\n".join(lines)
 
 
+def training_only(args, device: torch.device) -> int:
+    recipe = args.train_recipe or ("digits-tiny" if args.quick else "fashion-tiny")
+    threads = [int(t) for t in (args.threads or ("1" if args.quick else "1,2")).split(",")]
+    before = torch.get_num_threads()
+    rows = bench_training(recipe, threads=threads, steps=args.train_steps or (2 if args.quick else 20))
+    torch.set_num_threads(before)
+    out = Path(args.out) if args.out else OUT_DIR / ("throughput_quick.json" if args.quick else "throughput.json")
+    result = json.loads(out.read_text()) if out.is_file() else {"date": utc_now(), "machine": machine(device),
+                                                                 "versions": versions()}
+    result.update(training=rows, training_date=utc_now(), training_machine=machine(device))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(training_table(rows))
+    print(f"JSON: {out}")
+    return 0
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="tiny model, batch 1 and 8, few repeats (seconds)")
@@ -296,11 +313,16 @@ def main(argv=None) -> int:
                          "digits-tiny; 'none' to skip)")
     ap.add_argument("--train-steps", type=int, default=None,
                     help="optimizer steps timed per stage (default 20; quick 2)")
+    ap.add_argument("--training-only", action="store_true",
+                    help="measure the training throughput only; an existing --out JSON keeps its other results "
+                         "and gets its 'training' rows replaced")
     ap.add_argument("--out", default=None, help="JSON path (default runs/benchmarks/throughput[_quick].json at the repository root)")
     args = ap.parse_args(argv)
 
     device = torch.device(args.device)
     torch.manual_seed(0)
+    if args.training_only:
+        return training_only(args, device)
     repeats = args.repeats or (2 if args.quick else 5)
     peak = matmul_peak(device)
     print(f"matmul peak: {peak / 1e9:.1f} GFLOP/s on {device}", file=sys.stderr)

@@ -44,3 +44,17 @@ def test_throughput_quick(tmp_path):
         assert r["seconds_per_step"] > 0 and abs(r["images_per_s"] * r["seconds_per_step"] - r["batch_size"]) < 1e-6
         assert r["recipe_minutes"] == pytest.approx(r["recipe_steps"] * r["seconds_per_step"] / 60)
     assert "Training throughput per stage" in proc.stdout
+
+
+def test_training_only_replaces_the_training_rows_of_an_existing_report(tmp_path):
+    out = tmp_path / "t.json"
+    out.write_text(json.dumps({"date": "d", "rows": [{"kept": True}], "training": [{"old": 1}]}))
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "throughput.py"), "--quick", "--training-only", "--out", str(out)],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    data = json.loads(out.read_text())
+    assert data["rows"] == [{"kept": True}] and data["date"] == "d"  # the other results are kept
+    assert [r["stage"] for r in data["training"]] == ["encoder", "tokenizer", "rdm", "mage"]
+    assert "training_date" in data and "| digits-tiny | mage | 1 |" in proc.stdout
