@@ -116,6 +116,20 @@ def _classes_of(dataset) -> list[str] | None:
     return None
 
 
+def _label_map(real, synthetic: SyntheticDataset) -> tuple[list[str], np.ndarray]:
+    """The real side's class names and, per cache label, its index among them."""
+    real_classes = _classes_of(real)
+    if real_classes is None:
+        logger.warning("`real` has no `classes`; assuming its label indices match the cache's %s",
+                       synthetic.classes)
+        return list(synthetic.classes), np.arange(len(synthetic.classes))
+    missing = [c for c in synthetic.classes if c not in real_classes]
+    if missing:
+        raise ValueError(f"the synthetic cache has classes {missing} that `real` lacks "
+                         f"(real classes: {real_classes}); build the cache from the same source")
+    return real_classes, np.asarray([real_classes.index(c) for c in synthetic.classes], dtype=np.int64)
+
+
 class FewShotAugmentedDataset(Dataset):
     """Real images plus a fresh draw of synthetic variants each epoch, labels in the real
     dataset's class indices.
@@ -150,19 +164,7 @@ class FewShotAugmentedDataset(Dataset):
         self.synthetic_ratio = float(synthetic_ratio)
         self.seed = int(seed)
         self.transform = transform
-        real_classes = _classes_of(real)
-        if real_classes is None:
-            logger.warning("`real` has no `classes`; assuming its label indices match the cache's %s",
-                           synthetic.classes)
-            self.classes = list(synthetic.classes)
-            self._label_map = np.arange(len(synthetic.classes))
-        else:
-            missing = [c for c in synthetic.classes if c not in real_classes]
-            if missing:
-                raise ValueError(f"the synthetic cache has classes {missing} that `real` lacks "
-                                 f"(real classes: {real_classes}); build the cache from the same source")
-            self.classes = real_classes
-            self._label_map = np.asarray([real_classes.index(c) for c in synthetic.classes], dtype=np.int64)
+        self.classes, self._label_map = _label_map(real, synthetic)
         self.num_real = len(real)
         self.num_synthetic = int(round(self.num_real / (1.0 - self.synthetic_ratio))) - self.num_real
         if self.num_synthetic > 0 and len(synthetic) == 0:
@@ -217,3 +219,95 @@ def record_hashes(out_dir: str | os.PathLike, *, verify: bool = False) -> list[s
 
 
 __all__ = ["FewShotAugmentedDataset", "SyntheticDataset", "load_synthetic", "read_manifest", "record_hashes"]
+
+
+class ShotVariantDataset(Dataset):
+    """The labelled images a cache was built from, each replaced by one of its own cached variants
+    with probability ``p``, plus the cache's retrieved records: RCG as an augmentation of the shots
+    beside retrieval (the benchmark's arm (o), ``benchmarks/fewshot.py``).
+
+    Items: first the sources the cache holds records of (by its ``source_index`` column, in index
+    order), then, with ``include_retrieved``, every retrieved record (``origin == "retrieved"``,
+    labelled by its shot). For a source, each epoch draws (from ``seed``, the epoch and the item
+    only) whether it comes as itself or as one of its variants, and which; a source without
+    variants (``--variants 0``, or all dropped by a filter) always comes as itself.
+
+    Args:
+        real: the source the cache was built from, indexed as the build read it (e.g.
+            ``open_source("fashion-mnist", split="train")`` for ``--input fashion-mnist``).
+        synthetic: a :class:`SyntheticDataset` (or a cache directory) built from ``real``.
+        p: probability of a variant in place of its source, in [0, 1].
+        seed: seeds the draws; :meth:`set_epoch` changes them.
+        include_retrieved: also serve the cache's retrieved records.
+        transform: applied to every image.
+
+    Labels follow ``real``'s class indices (mapped by class name, as in
+    :class:`FewShotAugmentedDataset`).
+
+    Example::
+
+        cache = SyntheticDataset("cache/")     # rcg-augment build --pool ... --neighbours 8 --variants 8
+        train = ShotVariantDataset(open_source("my-images/"), cache, p=0.5, transform=ToTensor())
+    """
+
+    def __init__(self, real, synthetic, p: float = 0.5, *, seed: int = 0, include_retrieved: bool = True,
+                 transform=None):
+        if not 0.0 <= float(p) <= 1.0:
+            raise ValueError(f"`p` must be in [0, 1], got {p}")
+        if not isinstance(synthetic, SyntheticDataset):
+            synthetic = SyntheticDataset(synthetic)
+        columns = synthetic.hf_dataset.column_names
+        if "source_index" not in columns:
+            raise ValueError(f"{synthetic.out_dir} has no `source_index` column; rebuild it with this version")
+        self.real, self.synthetic, self.p, self.seed = real, synthetic, float(p), int(seed)
+        self.transform = transform
+        self.classes, self._label_map = _label_map(real, synthetic)
+        source_index = np.asarray(synthetic.hf_dataset["source_index"], dtype=np.int64)
+        origin = np.asarray(synthetic.origin)
+        if len(source_index) and source_index.max() >= len(real):
+            raise ValueError(f"the cache refers to source image {int(source_index.max())}, `real` has {len(real)} "
+                             "images: pass the source the cache was built from")
+        self.sources = np.unique(source_index)
+        self._variants = {int(s): np.flatnonzero((source_index == s) & (origin == "variant")) for s in self.sources}
+        self.retrieved = np.flatnonzero(origin == "retrieved") if include_retrieved else np.zeros(0, dtype=np.int64)
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Change the draws (a function of ``seed``, ``epoch`` and the item only)."""
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return len(self.sources) + len(self.retrieved)
+
+    def variant_record(self, index: int) -> int | None:
+        """The cache record item ``index`` serves this epoch, or None for the source itself."""
+        index = self._check(index)
+        if index >= len(self.sources):
+            return int(self.retrieved[index - len(self.sources)])
+        variants = self._variants[int(self.sources[index])]
+        if not len(variants) or self.p == 0.0:
+            return None
+        rng = np.random.default_rng([self.seed, self.epoch, index])
+        if rng.random() >= self.p:
+            return None
+        return int(variants[rng.integers(len(variants))])
+
+    def _check(self, index: int) -> int:
+        index = int(index)
+        if index < 0:
+            index += len(self)
+        if not 0 <= index < len(self):
+            raise IndexError(f"index {index} out of range for {len(self)} items")
+        return index
+
+    def __getitem__(self, index: int):
+        index = self._check(index)
+        record = self.variant_record(index)
+        if record is None:
+            image, label = self.real[int(self.sources[index])]
+        else:
+            image, label = self.synthetic[record]
+            label = int(self._label_map[label])
+        if self.transform is not None:
+            image = self.transform(image)
+        return image, int(label)

@@ -202,3 +202,44 @@ def test_pool_index_search_chunked_equals_whole_and_excludes():
         index.search(queries, 51)
     with pytest.raises(ValueError, match="`queries` must have shape"):
         index.search(queries[:, :4], 2)
+
+
+def test_shot_variant_dataset_swaps_shots_for_their_own_variants_beside_retrieved(grey_folder, pool_dir, tmp_path,
+                                                                                 tiny_pipeline):
+    from rcg_augment.data import ShotVariantDataset
+
+    out = tmp_path / "cache"
+    build(grey_folder, out, tiny_pipeline, pool=pool_dir, neighbours=3, pool_cache_dir=tmp_path / "pc")
+    cache, real = SyntheticDataset(out), open_source(grey_folder)
+    src_col = np.asarray(cache.hf_dataset["source_index"])
+    shots = sorted(set(src_col.tolist()))
+    as_array = np.asarray
+
+    never = ShotVariantDataset(real, cache, p=0.0)
+    assert len(never) == len(shots) + 9  # 3 shots, then their 3 x 3 retrieved records
+    for i, s in enumerate(shots):  # p = 0: the shots themselves
+        assert never.variant_record(i) is None
+        assert (as_array(never[i][0]) == as_array(real[s][0])).all() and never[i][1] == real[s][1]
+    for i in range(len(shots), len(never)):  # then the retrieved records, labelled by their shot
+        rec = never.variant_record(i)
+        assert cache.origin[rec] == "retrieved" and never[i][1] == real[int(src_col[rec])][1]
+
+    always = ShotVariantDataset(real, cache, p=1.0, include_retrieved=False)
+    assert len(always) == len(shots)
+    for i, s in enumerate(shots):  # p = 1: one of its own variants, never another shot's
+        rec = always.variant_record(i)
+        assert cache.origin[rec] == "variant" and src_col[rec] == s
+        assert (as_array(always[i][0]) == as_array(cache[rec][0])).all() and always[i][1] == real[s][1]
+
+    half = ShotVariantDataset(real, cache, p=0.5, seed=3)
+    draws = {e: [half.variant_record(i) for i in range(len(shots))] for e in range(6) if not half.set_epoch(e)}
+    assert draws[0] == [ShotVariantDataset(real, cache, p=0.5, seed=3).variant_record(i) for i in range(len(shots))]
+    assert len({tuple(d) for d in draws.values()}) > 1  # epochs draw anew
+    assert any(r is None for d in draws.values() for r in d) and any(r is not None for d in draws.values() for r in d)
+
+    with pytest.raises(ValueError, match="`p` must be in"):
+        ShotVariantDataset(real, cache, p=1.5)
+    with pytest.raises(ValueError, match="pass the source the cache was built from"):
+        ShotVariantDataset(torch.utils.data.Subset(real, [0]), cache)
+    with pytest.raises(IndexError):
+        never[len(never)]
