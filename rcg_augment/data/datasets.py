@@ -116,7 +116,7 @@ def _classes_of(dataset) -> list[str] | None:
     return None
 
 
-def _label_map(real, synthetic: SyntheticDataset) -> tuple[list[str], np.ndarray]:
+def _map_labels(real, synthetic: SyntheticDataset) -> tuple[list[str], np.ndarray]:
     """The real side's class names and, per cache label, its index among them."""
     real_classes = _classes_of(real)
     if real_classes is None:
@@ -164,7 +164,7 @@ class FewShotAugmentedDataset(Dataset):
         self.synthetic_ratio = float(synthetic_ratio)
         self.seed = int(seed)
         self.transform = transform
-        self.classes, self._label_map = _label_map(real, synthetic)
+        self.classes, self._label_map = _map_labels(real, synthetic)
         self.num_real = len(real)
         self.num_synthetic = int(round(self.num_real / (1.0 - self.synthetic_ratio))) - self.num_real
         if self.num_synthetic > 0 and len(synthetic) == 0:
@@ -261,7 +261,7 @@ class ShotVariantDataset(Dataset):
             raise ValueError(f"{synthetic.out_dir} has no `source_index` column; rebuild it with this version")
         self.real, self.synthetic, self.p, self.seed = real, synthetic, float(p), int(seed)
         self.transform = transform
-        self.classes, self._label_map = _label_map(real, synthetic)
+        self.classes, self._label_map = _map_labels(real, synthetic)
         source_index = np.asarray(synthetic.hf_dataset["source_index"], dtype=np.int64)
         origin = np.asarray(synthetic.origin)
         if len(source_index) and source_index.max() >= len(real):
