@@ -44,7 +44,7 @@ from torch import nn
 
 from rcg_augment import RCGPipeline
 from rcg_augment.data import open_source, pil_to_tensor
-from rcg_augment.label_filter import PrototypeFilter, reconstruct_with_labels
+from rcg_augment.label_filter import DEFAULT_MAX_ATTEMPTS, PrototypeFilter, reconstruct_with_labels
 
 OUT_DIR = Path(__file__).resolve().parents[1] / "runs" / "benchmarks"
 
@@ -129,7 +129,8 @@ def fidelity_decomposition(pipe, judge, train, train_idx, y_train, xs, ys, setti
 def preservation_row(pipe, judge, xs, ys, level: float, cell, label_filter, *, variants: int, batch: int,
                      seed: int, real_acc: float) -> dict:
     """Judge accuracy on ``variants`` 8-bit variants of each source, and their RMS distances. With a
-    ``label_filter``: variants redrawn until accepted (at most 4 draws), the never-accepted dropped,
+    ``label_filter``: variants redrawn until accepted (at most DEFAULT_MAX_ATTEMPTS draws, as the
+    build does), the never-accepted dropped,
     so the judge scores only what a filtered build would store."""
     drawn, kept_masks = [], []
     gen = torch.Generator().manual_seed(seed + 1)
@@ -139,7 +140,7 @@ def preservation_row(pipe, judge, xs, ys, level: float, cell, label_filter, *, v
             xb, yb = xs[i:i + batch], ys[i:i + batch]
             levels = torch.full((len(xb),), level)
             if label_filter is None:
-                out = pipe.reconstruct(xb, levels, generator=gen, settings=cell).float().clamp(0, 1)
+                out = pipe.reconstruct(xb, levels, generator=gen, settings=cell)
                 ok = torch.ones(len(xb), dtype=torch.bool)
             else:
                 out, ok, _ = reconstruct_with_labels(pipe, xb, yb, levels, label_filter=label_filter,
@@ -181,7 +182,7 @@ def main(argv=None) -> int:
     ap.add_argument("--label-filter", type=int, default=0, metavar="N",
                     help="also measure with the label filter (what `rcg-augment build --label-filter` does): "
                          "class prototypes from N seeded train images per class, a variant redrawn up to "
-                         "4 times and dropped if never accepted; 0 (default) = off")
+                         f"{DEFAULT_MAX_ATTEMPTS} times and dropped if never accepted; 0 (default) = off")
     ap.add_argument("--quick", action="store_true", help="seconds: 2,000 train images, 1 judge epoch, 20 sources")
     ap.add_argument("--out-dir", type=Path, default=OUT_DIR)
     args = ap.parse_args(argv)
@@ -254,7 +255,7 @@ def main(argv=None) -> int:
                   "train_images": int(len(train_idx)), "test_accuracy": judge_acc, "seconds": round(t_judge, 1)},
         "split": args.split, "sources": int(len(chosen)), "variants": args.variants, "judge_on_real_sources": real_acc,
         "label_filter": ({"prototypes_per_class": args.label_filter, "prototype_train_indices": proto_idx.tolist(),
-                          "max_attempts": 4} if args.label_filter else None),
+                          "max_attempts": DEFAULT_MAX_ATTEMPTS} if args.label_filter else None),
         "rows": rows, "fidelity": fidelity, "seconds": round(time.time() - t0, 1), "when": utc_now(), "machine": machine(),
         "versions": versions(), "command": "python benchmarks/fashion_quality.py " + " ".join(argv or sys.argv[1:]),
     }
@@ -274,7 +275,7 @@ def main(argv=None) -> int:
               f"{r['of_real']:.3f} | {r['rms_between_variants']:.3f} | {r['rms_to_source']:.3f} |" for r in rows]
     if args.label_filter:
         lines += ["", f"Label filter: prototypes = mean representation of {args.label_filter} seeded train images "
-                  "per class; a rejected variant is drawn again up to 4 times in all and dropped if never "
+                  f"per class; a rejected variant is drawn again up to {DEFAULT_MAX_ATTEMPTS} times in all and dropped if never "
                   "accepted (`rcg-augment build --label-filter`); 'variants kept' is the share stored, the "
                   "judge scores only those."]
     if fidelity is not None:

@@ -277,12 +277,20 @@ def table(rows: list[dict], peak: float) -> str:
     return "\n".join(lines)
 
 
-def training_only(args, device: torch.device) -> int:
+def measure_training(args) -> list[dict]:
+    """The training rows the command line asks for (none with --train-recipe none)."""
     recipe = args.train_recipe or ("digits-tiny" if args.quick else "fashion-tiny")
+    if recipe == "none":
+        return []
     threads = [int(t) for t in (args.threads or ("1" if args.quick else "1,2")).split(",")]
     before = torch.get_num_threads()
     rows = bench_training(recipe, threads=threads, steps=args.train_steps or (2 if args.quick else 20))
     torch.set_num_threads(before)
+    return rows
+
+
+def training_only(args, device: torch.device) -> int:
+    rows = measure_training(args)
     out = Path(args.out) if args.out else OUT_DIR / ("throughput_quick.json" if args.quick else "throughput.json")
     result = json.loads(out.read_text()) if out.is_file() else {"date": utc_now(), "machine": machine(device),
                                                                  "versions": versions()}
@@ -345,13 +353,7 @@ def main(argv=None) -> int:
             build_rows += bench_build(model, threads=threads, shots=args.build_shots or (1 if args.quick else 20),
                                       variants=4, repeats=1 if args.quick else 2)
         torch.set_num_threads(before)
-    train_recipe = args.train_recipe or ("digits-tiny" if args.quick else "fashion-tiny")
-    train_rows = []
-    if train_recipe != "none" and device.type == "cpu":
-        threads = [int(t) for t in (args.threads or ("1" if args.quick else "1,2")).split(",")]
-        before = torch.get_num_threads()
-        train_rows = bench_training(train_recipe, threads=threads, steps=args.train_steps or (2 if args.quick else 20))
-        torch.set_num_threads(before)
+    train_rows = measure_training(args) if device.type == "cpu" else []
 
     result = {
         "date": utc_now(), "machine": machine(device), "versions": versions(),
