@@ -216,8 +216,17 @@ class VQTokenizer(nn.Module):
             indices = indices.view(indices.shape[0], g, g)
         return self.decoder(self.quantize.lookup(indices))
 
-    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Training forward: (reconstruction, vq loss, indices) with a straight-through estimator."""
+    def forward(self, images: torch.Tensor, decoder_only: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Training forward: (reconstruction, vq loss, indices) with a straight-through estimator.
+
+        ``decoder_only``: the tokens computed without gradients and the decoder run on their
+        codebook vectors (vq loss 0): training the decoder alone leaves every image's tokens as they were.
+        """
+        if decoder_only:
+            with torch.no_grad():
+                indices = self.encode(images)
+                z_q = self.quantize.lookup(indices)
+            return self.decoder(z_q), z_q.new_zeros(()), indices
         z = self.encoder(images)
         indices = self.quantize.nearest(z)
         z_q = self.quantize.lookup(indices)

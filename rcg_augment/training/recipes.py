@@ -145,6 +145,14 @@ FASHION_TINY = Recipe(
     stages=("encoder", "tokenizer", "rdm", "mage"),
     common=_FASHION_COMMON,
     per_stage=_FASHION_STAGES,
+    # 1: the tokenizer's decoder alone, 4,000 more steps (its 800 first steps left textures blurred:
+    # the round trip kept 0.88 of a label judge's accuracy on train images). Encoder and codebook
+    # frozen, so every image keeps its tokens and MAGE needs no retraining.
+    continuation=(
+        ("tokenizer", {"train": "decoder", "steps": 4000, "blr": 2e-3, "restart_every": 0, "seed": 1}),
+        # 2: MAGE 3,000 more steps on a fresh schedule (its first 3,000 are about 3 epochs).
+        ("mage", {**_MAGE_MORE, "steps": 3000, "rep_crop": "independent", "seed": 2}),
+    ),
     hold_out_benchmark_test=False,  # the source's own test split is the benchmark's; training reads train only
 )
 # The novel-class regime: the same recipe on the train images of five base classes only, so that

@@ -10,6 +10,10 @@ codes no image chose in that window are moved onto randomly chosen encoder outpu
 current batch (gathered over processes, drawn with a seed shared by all processes so every
 replica stays identical) and their AdamW moments are reset. Usage is logged as
 ``codebook_usage`` (fraction of codes used in the window).
+
+``train="decoder"`` trains the decoder alone: the encoder and the codebook stay frozen, so every
+image keeps its tokens and a MAGE trained on them stays valid; only how tokens are painted back
+into pixels improves (no codebook loss, no restarts).
 """
 
 from __future__ import annotations
@@ -38,6 +42,8 @@ class TokenizerStage(Stage):
         restart_until: fraction of training after which codes are no longer restarted (the
             decoder needs the last steps to settle on the final codebook).
         pool_per_process: encoder outputs each process contributes to the restart pool.
+        train: ``"all"`` (encoder, codebook and decoder) or ``"decoder"`` (decoder alone; the
+            tokens of every image unchanged, so the MAGE trained on them needs no retraining).
     """
 
     recon_loss: str = "l1"
@@ -46,6 +52,7 @@ class TokenizerStage(Stage):
     restart_every: int = 20
     restart_until: float = 0.9
     pool_per_process: int = 1024
+    train: str = "all"
 
     name = "tokenizer"
     network = "tokenizer"
@@ -60,6 +67,8 @@ class TokenizerStage(Stage):
             raise ValueError(f"`recon_loss` must be 'l1' or 'mse', got {self.recon_loss!r}")
         if self.crop_scale is not None:
             self.crop_scale = tuple(float(s) for s in self.crop_scale)
+        if self.train not in ("all", "decoder"):
+            raise ValueError(f"`train` must be 'all' or 'decoder', got {self.train!r}")
         if self.restart_every < 0:
             raise ValueError(f"`restart_every` must be >= 0, got {self.restart_every}")
         self._counts: torch.Tensor | None = None
@@ -68,7 +77,11 @@ class TokenizerStage(Stage):
 
     def build(self, pipe: RCGPipeline) -> nn.Module:
         tok = pipe.tokenizer
-        tok.requires_grad_(True)
+        if self.train == "decoder":
+            tok.requires_grad_(False)
+            tok.decoder.requires_grad_(True)
+        else:
+            tok.requires_grad_(True)
         self._counts = torch.zeros(tok.config.codebook_size, dtype=torch.float64)
 
         def keep_latents(module, args, output):
@@ -81,7 +94,7 @@ class TokenizerStage(Stage):
 
     def loss(self, model: nn.Module, images: torch.Tensor, ctx: StepContext) -> tuple[torch.Tensor, dict]:
         x = resized_crop_flip(images, generator=ctx.generator, scale=self.crop_scale, hflip=self.hflip)
-        recon, vq_loss, indices = model(x)
+        recon, vq_loss, indices = model(x, decoder_only=self.train == "decoder")
         recon = recon.float()
         rec = F.l1_loss(recon, x) if self.recon_loss == "l1" else F.mse_loss(recon, x)
         counts = torch.bincount(indices.flatten(), minlength=self._counts.numel())
@@ -97,7 +110,7 @@ class TokenizerStage(Stage):
             counts = ctx.accelerator.reduce(counts.clone(), reduction="sum")
         usage = float((counts > 0).double().mean())
         restarted = 0
-        if self.restart_every and done <= self.restart_until * ctx.total_steps:
+        if self.train == "all" and self.restart_every and done <= self.restart_until * ctx.total_steps:
             restarted = self._restart(ctx, counts == 0)
         self._counts = torch.zeros_like(self._counts)
         return {"codebook_usage": usage, "codes_restarted": restarted}

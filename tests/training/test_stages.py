@@ -91,6 +91,25 @@ def test_tokenizer_restarts_dead_codes(tmp_path):
     assert idx_restart.unique().numel() > idx_plain.unique().numel()
 
 
+def test_tokenizer_decoder_only_keeps_every_token_and_trains_the_decoder(tmp_path):
+    start = micro_pipeline()
+    before = {k: v.clone() for k, v in start.tokenizer.state_dict().items()}
+    images = torch.rand(8, 1, 16, 16, generator=torch.Generator().manual_seed(3))
+    tokens_before = start.tokenizer.encode(images)
+    result = train_stage("tokenizer", digits_source(), tmp_path, init=start, steps=6, blr=0.05, warmup_steps=1,
+                         train="decoder", **FAST)
+    tok = result.pipeline.tokenizer
+    after = tok.state_dict()
+    frozen = [k for k in after if not k.startswith("decoder.")]
+    assert frozen and all(torch.equal(after[k], before[k]) for k in frozen)  # encoder and codebook as they were
+    assert any(not torch.equal(after[k], before[k]) for k in after if k.startswith("decoder."))
+    assert torch.equal(tok.encode(images), tokens_before)
+    assert all("codes_restarted" not in r or r["codes_restarted"] == 0 for r in result.history)
+    with pytest.raises(ValueError, match="train"):
+        train_stage("tokenizer", digits_source(), tmp_path / "bad", init=micro_pipeline(), steps=1, train="codebook",
+                    **FAST)
+
+
 def test_train_all_and_finetune(tmp_path):
     results = train_all(digits_source(), tmp_path / "all", init=micro_pipeline(), steps=2, **FAST,
                         per_stage={"mage": {"steps": 3}})
