@@ -140,6 +140,23 @@ def test_recipe_from_a_continuation_starts_at_a_finished_model(micro_dir, tmp_pa
     assert "add --recipe" in capsys.readouterr().err
 
 
+def test_recipe_without_continuations_stops_after_its_stages(micro_dir, tmp_path, capsys):
+    """--no-continuations trains the recipe's stage and none of its continuation phases (how a
+    bundled model that predates a recipe's continuations is rebuilt); misuse is refused."""
+    out = tmp_path / "plain"
+    args = ["train", "mage", "--recipe", "digits-tiny", "--init", str(micro_dir), "--out", str(out),
+            "--steps-scale", "0.002", "--batch-size", "4", "--no-progress", "--no-continuations"]
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    assert "mage      done: step 2/2" in printed and "continued" not in printed
+    records = RCGPipeline.from_pretrained(out).config.metadata["training"]
+    assert [r["stage"] for r in records][-1] == "mage" and "continuation" not in records[-1]
+    assert main([*args, "--continuation", "3"]) == 1
+    assert "cannot be combined with `from_continuation`" in capsys.readouterr().err
+    assert main(["train", "mage", "--data", "digits", "--no-continuations", "--out", str(tmp_path / "x")]) == 1
+    assert "add --recipe" in capsys.readouterr().err
+
+
 def test_recipe_encoder_continuation_retrains_what_reads_the_representation(micro_dir, tmp_path, capsys):
     """digits-tiny's continuations 4 and 8 train the encoder further; the RDM and MAGE continuations
     after each then follow its new representations, in recipe order, into one folder."""

@@ -184,9 +184,12 @@ def run_stages(args: argparse.Namespace, stages: list[str], *, init) -> dict:
         return api.run_recipe(args.recipe, args.out, data=data, init=init, stages=stages,
                               steps_scale=args.steps_scale, per_stage=per_stage, max_time=args.max_time,
                               reinit=stages if getattr(args, "reinit", False) else (),
-                              from_continuation=getattr(args, "continuation", None), **common)
+                              from_continuation=getattr(args, "continuation", None),
+                              continuations=not getattr(args, "no_continuations", False), **common)
     if getattr(args, "continuation", None) is not None:
         raise ValueError("--continuation names a run of a recipe; add --recipe")
+    if getattr(args, "no_continuations", False):
+        raise ValueError("--no-continuations applies to a recipe; add --recipe")
     if data is None:
         raise ValueError("--data is required without --recipe (an image folder, a dataset folder, a Hub dataset "
                          "id, 'digits' or 'lfw-faces')")
@@ -230,6 +233,8 @@ def register(subparsers) -> None:
     parser.add_argument("--continuation", type=int, metavar="K",
                         help="with --recipe: run the recipe's continuations from the K-th on, starting from --init "
                              "(a model that finished the runs before it, e.g. the bundled digits-tiny)")
+    parser.add_argument("--no-continuations", action="store_true",
+                        help="with --recipe: train the recipe's stages and stop before its continuation phases")
     parser.add_argument("--preset", default="tiny", choices=list(PIPELINE_PRESETS),
                         help="architecture for a new pipeline (default tiny): " + "; ".join(
                             f"{p.name}: {p.description}" for p in PIPELINE_PRESETS.values()))

@@ -318,7 +318,7 @@ def _benchmark_pool(spec: str, classes: Sequence[str] | None) -> tuple[ImageSour
 def run_recipe(
     recipe: str | Recipe, out_dir: str | os.PathLike, *, data=None, init=None, stages: Sequence[str] | None = None,
     steps_scale: float = 1.0, per_stage: Mapping[str, Mapping] | None = None, max_time: float | None = None,
-    reinit: Sequence[str] = (), from_continuation: int | None = None, **overrides,
+    reinit: Sequence[str] = (), from_continuation: int | None = None, continuations: bool = True, **overrides,
 ) -> dict[str, TrainResult]:
     """Run a named recipe (see :data:`RECIPES`), optionally on other data / a subset of stages.
 
@@ -329,6 +329,7 @@ def run_recipe(
     top of another run's encoder, tokenizer and RDM. ``from_continuation=k`` skips the stages and
     the continuations before the k-th: ``init`` (or ``out_dir``'s pipeline) must be a model that
     has finished them, e.g. the bundled ``digits-tiny`` to rerun its latest continuation.
+    ``continuations=False`` trains the recipe's stages and stops before its continuation phases.
     """
     r = get_recipe(recipe) if isinstance(recipe, str) else recipe
     if from_continuation is not None:
@@ -339,6 +340,8 @@ def run_recipe(
             raise ValueError("`from_continuation` needs `init`: a model that finished the recipe's earlier runs")
         if reinit:
             raise ValueError("`reinit` cannot be combined with `from_continuation`")
+        if not continuations:
+            raise ValueError("`continuations=False` cannot be combined with `from_continuation`")
     if steps_scale <= 0:
         raise ValueError(f"`steps_scale` must be > 0, got {steps_scale}")
     chosen = list(stages) if stages else list(r.stages)
@@ -376,7 +379,7 @@ def run_recipe(
                             pipeline_overrides=r.pipeline, reinit=reinit, **common)
     if from_continuation is None and (not all(res.completed for res in results.values()) or len(results) < len(chosen)):
         return results  # stopped early (time budget): a rerun finishes the stages, then continues
-    for k, (name, extra) in enumerate(r.continuation, start=1):
+    for k, (name, extra) in enumerate(r.continuation if continuations else (), start=1):
         if name not in chosen or k < (from_continuation or 1):
             continue
         key = f"{name}-continued-{k}"
