@@ -218,9 +218,6 @@ def record_hashes(out_dir: str | os.PathLike, *, verify: bool = False) -> list[s
     return out
 
 
-__all__ = ["FewShotAugmentedDataset", "SyntheticDataset", "load_synthetic", "read_manifest", "record_hashes"]
-
-
 class ShotVariantDataset(Dataset):
     """The labelled images a cache was built from, each replaced by one of its own cached variants
     with probability ``p``, plus the cache's retrieved records: RCG as an augmentation of the shots
@@ -311,3 +308,7 @@ class ShotVariantDataset(Dataset):
         if self.transform is not None:
             image = self.transform(image)
         return image, int(label)
+
+
+__all__ = ["FewShotAugmentedDataset", "ShotVariantDataset", "SyntheticDataset", "load_synthetic", "read_manifest",
+           "record_hashes"]

@@ -89,7 +89,9 @@ class TokenizerStage(Stage):
 
         if self._hook is not None:
             self._hook.remove()
-        self._hook = tok.encoder.register_forward_hook(keep_latents)
+            self._hook = None
+        if self.train == "all":  # the restart pool; a frozen codebook is never restarted
+            self._hook = tok.encoder.register_forward_hook(keep_latents)
         return tok
 
     def loss(self, model: nn.Module, images: torch.Tensor, ctx: StepContext) -> tuple[torch.Tensor, dict]:
