@@ -28,13 +28,15 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from _common import machine, utc_now, versions
+from fashion_quality import as_tensor
 from safetensors.torch import load_file
 
 from rcg_augment import RCGPipeline
-from rcg_augment.data import open_source, pil_to_tensor
+from rcg_augment.data import open_source
 
 OUT_DIR = Path(__file__).resolve().parents[1] / "runs" / "benchmarks"
 K = 20
@@ -51,12 +53,8 @@ def encoder_state_from_checkpoint(path: Path) -> dict[str, torch.Tensor]:
 
 
 def load_images(source, indices, size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    xs, ys = [], []
-    for i in indices:
-        image, label = source[int(i)]
-        xs.append(pil_to_tensor(image, size, 1))
-        ys.append(int(label))
-    return torch.stack(xs), torch.tensor(ys)
+    """The images at ``indices`` as fashion_quality.py reads them, and their labels."""
+    return as_tensor(source, size, indices), torch.as_tensor(np.asarray(source.labels)[np.asarray(indices)])
 
 
 @torch.inference_mode()
