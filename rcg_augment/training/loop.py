@@ -170,19 +170,29 @@ class _Run:
 
 
 def _earlier_pieces_seconds(log_path: Path, stage: str) -> float:
-    """Seconds of the stopped pieces of the run now finishing: the log's ``end`` events of ``stage``
-    since its last completed one."""
+    """Seconds of the earlier pieces of the run now finishing: the log's ``end`` events of ``stage``
+    since its last completed one, and for a piece killed without one (no ``end`` event) the time at
+    its last ``checkpoint`` event (the steps after it were trained again by the next piece)."""
     total = 0.0
     if not log_path.is_file():
         return total
+    open_piece = None  # seconds at the last checkpoint of a piece that has not ended (None: no piece open)
     for line in log_path.read_text().splitlines():
         try:
             event = json.loads(line)
         except ValueError:
             continue
-        if event.get("event") != "end" or event.get("stage") != stage:
+        if event.get("stage") != stage:
             continue
-        total = 0.0 if event.get("completed") else total + float(event.get("seconds") or 0.0)
+        kind = event.get("event")
+        if kind in ("start", "resume"):
+            total += open_piece or 0.0  # the piece before it was killed
+            open_piece = 0.0
+        elif kind == "checkpoint" and open_piece is not None:
+            open_piece = float(event.get("seconds") or 0.0)
+        elif kind == "end":
+            open_piece = None
+            total = 0.0 if event.get("completed") else total + float(event.get("seconds") or 0.0)
     return total
 
 
@@ -402,6 +412,9 @@ def _train_steps(run: _Run, pipe: RCGPipeline, m: _Modules, source: ImageSource,
     def checkpoint(step: int) -> None:
         save_checkpoint(run.ckpt_root, step, accelerator=accelerator, ema=m.ema, stage=stage,
                         hyperparameters=run.hp.record, keep=config.keep_checkpoints)
+        # the piece's time so far: what a later piece counts if this one is killed
+        run.write_log({"event": "checkpoint", "stage": stage.name, "step": step,
+                       "seconds": round(time.monotonic() - run.t_start, 2), "time": time.time()})
 
     from tqdm.auto import tqdm
 

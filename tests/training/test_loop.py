@@ -83,6 +83,27 @@ def test_unknown_setting_is_named(tmp_path):
         train_stage("rdm", digits_source(8), tmp_path, init=micro_pipeline(), steps=1, hflp=False)
 
 
+def test_a_killed_piece_counts_up_to_its_last_checkpoint(tmp_path):
+    """A piece killed without an ``end`` event counts the time of its last checkpoint; a stopped
+    piece its ``end``; pieces before the last completed run of the stage, and other stages, nothing."""
+    from rcg_augment.training.loop import _earlier_pieces_seconds
+
+    events = [
+        {"event": "start", "stage": "mage"}, {"event": "end", "stage": "mage", "completed": True, "seconds": 500},
+        {"event": "start", "stage": "mage"}, {"event": "checkpoint", "stage": "mage", "seconds": 10},
+        {"event": "checkpoint", "stage": "mage", "seconds": 20},  # then killed
+        {"event": "resume", "stage": "mage"}, {"event": "end", "stage": "mage", "completed": False, "seconds": 7},
+        {"event": "start", "stage": "rdm"}, {"event": "checkpoint", "stage": "rdm", "seconds": 99},
+        {"event": "resume", "stage": "mage"}, {"event": "checkpoint", "stage": "mage", "seconds": 3},  # killed
+        {"event": "resume", "stage": "mage"}, {"event": "checkpoint", "stage": "mage", "seconds": 4},  # the piece now ending
+    ]
+    log = tmp_path / "log.jsonl"
+    log.write_text("\n".join(json.dumps(e) for e in events) + "\nnot json\n")
+    assert _earlier_pieces_seconds(log, "mage") == 20 + 7 + 3
+    assert _earlier_pieces_seconds(log, "rdm") == 0.0
+    assert _earlier_pieces_seconds(tmp_path / "missing.jsonl", "mage") == 0.0
+
+
 # ----------------------------------------------------------------------------- runs
 def _losses(result):
     return [r["loss"] for r in result.history]
@@ -106,6 +127,10 @@ def test_resume_continues_the_same_run(tmp_path):
     # the training record's time counts both pieces (the model card's time column)
     record = b.config.metadata["training"][-1]
     assert abs(record["seconds"] - (first.seconds + second.seconds)) < 0.1
+    # each checkpoint is logged with the piece's time so far (what counts if a piece is killed)
+    events = [json.loads(line) for line in (tmp_path / "split" / "log.jsonl").read_text().splitlines()]
+    marks = [(e["step"], e["seconds"]) for e in events if e.get("event") == "checkpoint"]
+    assert [step for step, _ in marks] == [2, 3, 4] and 0 < marks[0][1] <= marks[1][1] <= first.seconds + 0.01  # rounded to 0.01 s
     assert "| time |" in (tmp_path / "split" / "README.md").read_text()
     # finished: checkpoints cleaned up, a second call skips the stage
     assert not list((tmp_path / "split" / "checkpoints" / "mage").glob("step_*"))
