@@ -171,7 +171,7 @@ class _Run:
 
 def _earlier_pieces_seconds(log_path: Path, stage: str) -> float:
     """Seconds of the earlier pieces of the run now finishing: the log's ``end`` events of ``stage``
-    since its last completed one, and for a piece killed without one (no ``end`` event) the time at
+    since its last ``start`` (from step 0) or completed run, and for a piece killed without one (no ``end`` event) the time at
     its last ``checkpoint`` event (the steps after it were trained again by the next piece)."""
     total = 0.0
     if not log_path.is_file():
@@ -185,7 +185,9 @@ def _earlier_pieces_seconds(log_path: Path, stage: str) -> float:
         if event.get("stage") != stage:
             continue
         kind = event.get("event")
-        if kind in ("start", "resume"):
+        if kind == "start":  # from step 0: nothing before it is part of this run
+            total, open_piece = 0.0, 0.0
+        elif kind == "resume":
             total += open_piece or 0.0  # the piece before it was killed
             open_piece = 0.0
         elif kind == "checkpoint" and open_piece is not None:

@@ -102,6 +102,9 @@ def test_a_killed_piece_counts_up_to_its_last_checkpoint(tmp_path):
     assert _earlier_pieces_seconds(log, "mage") == 20 + 7 + 3
     assert _earlier_pieces_seconds(log, "rdm") == 0.0
     assert _earlier_pieces_seconds(tmp_path / "missing.jsonl", "mage") == 0.0
+    # a fresh start (checkpoints deleted) after a killed piece: the discarded piece does not count
+    log.write_text("\n".join(json.dumps(e) for e in events[2:4] + [{"event": "start", "stage": "mage"}]))
+    assert _earlier_pieces_seconds(log, "mage") == 0.0
 
 
 # ----------------------------------------------------------------------------- runs
