@@ -10,6 +10,7 @@ import os
 import platform
 import sys
 from datetime import datetime, timezone
+from pathlib import Path
 
 import torch
 
@@ -21,18 +22,31 @@ def utc_now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
+def cpu_model() -> str | None:
+    """The CPU's model name (Linux: /proc/cpuinfo), e.g. "AMD EPYC": which BLAS code path runs
+    depends on it (MKL's float32 GEMM is about half as fast on some AMD CPUs as oneDNN's)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or None
+
+
 def machine(device: torch.device | str | None = None) -> dict:
     """The machine a result was measured on, with a one-line ``summary``."""
     device = torch.device(device) if device is not None else None
     cuda = device.type == "cuda" if device is not None else torch.cuda.is_available()
     info = {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+            "cpu_model": cpu_model(),
             "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
             "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
             "nice": os.nice(0) if hasattr(os, "nice") else None,
             "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
             "device": str(device) if device is not None else None,
             "gpu": torch.cuda.get_device_name(device if cuda and device is not None else 0) if cuda else None}
-    info["summary"] = f"{info['processor']}, {info['cpu_count']} CPUs, {info['torch_threads']} torch threads" + (
+    info["summary"] = f"{info['cpu_model'] or info['processor']}, {info['cpu_count']} CPUs, {info['torch_threads']} torch threads" + (
         f", {info['gpu']}" if info["gpu"] else "")
     return info
 

@@ -6,7 +6,8 @@ For each model and batch size this measures, with random inputs:
   model's default settings (rdm_steps x step + num_iter x iteration + encoder + decode). For the
   tiny model the full `reconstruct` is also timed end to end to check that composition.
 FLOPs come from torch.utils.flop_counter (matmuls, convolutions, attention); the machine's dense
-matmul peak is measured in the same run with a large float32 (CPU) or bf16 (GPU) matmul.
+matmul peak is measured in the same run with a large float32 (CPU) or bf16 (GPU) matmul, on the CPU
+through both of torch's float32 matmul libraries (its BLAS and oneDNN), the faster one counting.
 
 Usage:
     python benchmarks/throughput.py                 # tiny at batch 1/8/64, rcg-b at batch 1/8
@@ -14,8 +15,9 @@ Usage:
     python benchmarks/throughput.py --device cuda   # bf16 autocast on GPU
 
 On CPU it also measures `rcg-augment build` at the defaults on digits-tiny and fashion-tiny (20
-images per class, 4 variants each) on 1 and 2 threads: variants/s, FLOPs per variant by stage and
-the achieved rate as a share of the matmul peak at that thread count; and training throughput per
+images per class, 4 variants each) on 1 and 2 threads with each CPU matmul library
+(`--cpu-matmul`): variants/s, FLOPs per variant by stage and the achieved rate as a share of the
+matmul peak at that thread count; and training throughput per
 stage (images/s) of the fashion-tiny recipe on the Fashion-MNIST train images, from two runs of
 each stage that differ by --train-steps steps (so start-up, data loading and the final save cancel).
 
@@ -35,6 +37,7 @@ from _common import machine, utc_now, versions
 from torch.utils.flop_counter import FlopCounterMode
 
 from rcg_augment import RCGPipeline
+from rcg_augment.cpu_matmul import CPU_MATMUL_BACKENDS, onednn_linear_available
 from rcg_augment.sampling.maskgit import maskgit_decode
 
 # A run writes to runs/benchmarks/ at the repository root by default (git-ignored), so it never
@@ -66,13 +69,25 @@ def flops_of(fn) -> int:
     return counter.get_total_flops()
 
 
-def matmul_peak(device: torch.device, n: int = 4096, repeats: int = 5) -> float:
-    """Dense matmul FLOP/s: float32 on CPU, bf16 on GPU (the dtypes the pipeline runs in)."""
+def matmul_peaks(device: torch.device, n: int = 4096, repeats: int = 5) -> dict[str, float]:
+    """Dense matmul FLOP/s per library: on CPU float32 through torch's BLAS (``a @ b``, MKL in the
+    x86-64 wheels) and through oneDNN (``rcg_augment.cpu_matmul``'s kernel) where this torch has it;
+    on GPU bf16 (the dtypes the pipeline runs in)."""
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
-    seconds = timed(lambda: a @ b, device, repeats)
-    return 2 * n**3 / seconds
+    peaks = {"default": 2 * n**3 / timed(lambda: a @ b, device, repeats)}
+    if device.type == "cpu" and onednn_linear_available():
+        with torch.inference_mode():
+            w = b.t().contiguous()  # a linear layer's weight: out x in
+            peaks["onednn"] = 2 * n**3 / timed(
+                lambda: torch.ops.mkldnn._linear_pointwise(a, w, None, "none", [], ""), device, repeats)
+    return peaks
+
+
+def matmul_peak(device: torch.device, n: int = 4096, repeats: int = 5) -> float:
+    """The machine's matmul peak: the fastest library's rate (see :func:`matmul_peaks`)."""
+    return max(matmul_peaks(device, n, repeats).values())
 
 
 def stage_fns(pipe: RCGPipeline, batch: int, cfg: float, temperature: float):
@@ -151,21 +166,34 @@ BUILD_STAGES = {"RepresentationEncoder": "encoder", "RepresentationDenoiser": "r
                 "Encoder": "vq_encode", "Decoder": "vq_decode"}
 
 
-def bench_build(model: str, *, threads: list[int], shots: int, variants: int, repeats: int) -> list[dict]:
+def bench_build(model: str, *, threads: list[int], shots: int, variants: int, repeats: int,
+                backends: list[str] | None = None) -> list[dict]:
     """``rcg-augment build`` at the model's defaults on ``shots`` images per class of the model's own
     dataset: variants/s (the build's generation rate and the wall rate, shard writing included) per
-    thread count, and FLOPs per variant by stage (counted over one whole build)."""
+    thread count and CPU matmul library (``cpu_matmul``), FLOPs per variant by stage (counted over one
+    whole build) and the achieved rate as a share of the fastest library's matmul peak. A row of a
+    non-default library also counts the records whose PNG bytes equal the default build's."""
     import tempfile
 
-    from rcg_augment.data import build_synthetic
+    from rcg_augment.data import build_synthetic, load_synthetic
     from rcg_augment.settings import DEFAULT_NOISE_LEVEL
 
+    if backends is None:
+        backends = [b for b in CPU_MATMUL_BACKENDS if b == "default" or onednn_linear_available()]
     source = {"digits-tiny": "digits", "faces-tiny": "lfw-faces", "fashion-tiny": "fashion-mnist"}[model]
     pipe = RCGPipeline.from_pretrained(model)
     pipe.requires_grad_(False)
     kwargs = dict(pipeline=pipe, variants_per_image=variants, noise_level=DEFAULT_NOISE_LEVEL, shots=shots,
                   progress=False)
+
+    def png_bytes(out_dir: Path) -> list[bytes]:
+        import datasets
+
+        ds = load_synthetic(out_dir).cast_column("image", datasets.Image(decode=False))
+        return [r["bytes"] for r in ds["image"]]
+
     with tempfile.TemporaryDirectory() as tmp:
+        # FLOPs are the same work whichever library multiplies; the counter sees only aten's kernels.
         with FlopCounterMode(display=False) as counter:
             counted = build_synthetic(source, Path(tmp) / "flops", **kwargs)
         by_module = counter.get_flop_counts()
@@ -173,29 +201,38 @@ def bench_build(model: str, *, threads: list[int], shots: int, variants: int, re
                  for module, stage in BUILD_STAGES.items()}
         total = sum(by_module["Global"].values()) / counted.records
         flops["other"] = total - sum(flops.values())
+        reference = png_bytes(Path(tmp) / "flops")
         rows = []
         for n in threads:
             torch.set_num_threads(n)
-            peak = matmul_peak(torch.device("cpu"))
-            best = None
-            for r in range(repeats):
-                t0 = time.perf_counter()
-                summary = build_synthetic(source, Path(tmp) / f"t{n}-{r}", **kwargs)
-                wall = time.perf_counter() - t0
-                if best is None or summary.variants_per_second > best[0].variants_per_second:
-                    best = (summary, wall)
-            summary, wall = best
-            rows.append({
-                "model": model, "source": source, "shots": shots, "variants_per_image": variants, "threads": n,
-                "records": summary.records, "settings": pipe.resolve_settings().to_dict(),
-                "variants_per_s": summary.variants_per_second, "wall_variants_per_s": summary.records / wall,
-                "gflops_per_variant": {k: v / 1e9 for k, v in flops.items()}, "gflops_per_variant_total": total / 1e9,
-                "achieved_gflops_s": total * summary.variants_per_second / 1e9,
-                "matmul_peak_gflops_s": peak / 1e9,
-                "share_of_peak": total * summary.variants_per_second / peak,
-            })
-            print(f"  build {model}, {n} thread(s): {summary.variants_per_second:.1f} variants/s", file=sys.stderr,
-                  flush=True)
+            peaks = matmul_peaks(torch.device("cpu"))
+            peak = max(peaks.values())
+            for backend in backends:
+                best = None
+                for r in range(repeats):
+                    out = Path(tmp) / f"t{n}-{backend}-{r}"
+                    t0 = time.perf_counter()
+                    summary = build_synthetic(source, out, cpu_matmul=backend, **kwargs)
+                    wall = time.perf_counter() - t0
+                    if best is None or summary.variants_per_second > best[0].variants_per_second:
+                        best = (summary, wall, out)
+                summary, wall, out = best
+                same = sum(a == b for a, b in zip(png_bytes(out), reference, strict=True))
+                rows.append({
+                    "model": model, "source": source, "shots": shots, "variants_per_image": variants, "threads": n,
+                    "cpu_matmul": backend, "records": summary.records, "settings": pipe.resolve_settings().to_dict(),
+                    "variants_per_s": summary.variants_per_second, "wall_variants_per_s": summary.records / wall,
+                    "records_identical_to_default": same,
+                    "gflops_per_variant": {k: v / 1e9 for k, v in flops.items()},
+                    "gflops_per_variant_total": total / 1e9,
+                    "achieved_gflops_s": total * summary.variants_per_second / 1e9,
+                    "matmul_peak_gflops_s": peak / 1e9,
+                    "matmul_peaks_gflops_s": {k: v / 1e9 for k, v in peaks.items()},
+                    "share_of_peak": total * summary.variants_per_second / peak,
+                })
+                print(f"  build {model}, {n} thread(s), cpu_matmul {backend}: {summary.variants_per_second:.1f} "
+                      f"variants/s, {same} of {summary.records} records identical to the default's",
+                      file=sys.stderr, flush=True)
     return rows
 
 
@@ -250,15 +287,19 @@ def training_table(rows: list[dict]) -> str:
 
 def build_table(rows: list[dict]) -> str:
     stages = list(BUILD_STAGES.values()) + ["other"]
-    lines = ["| model | threads | variants | variants/s (generation) | variants/s (wall) | "
-             + " | ".join(f"{s} MFLOP" for s in stages) + " | GFLOP/variant | achieved GFLOP/s | matmul peak GFLOP/s "
-             "| share of peak |", "|" + "---|" * (10 + len(stages) - 1)]
+    lines = ["| model | threads | cpu_matmul | variants | variants/s (generation) | variants/s (wall) | "
+             "records identical to the default's | " + " | ".join(f"{s} MFLOP" for s in stages)
+             + " | GFLOP/variant | achieved GFLOP/s | matmul peak GFLOP/s (default / oneDNN) | share of the peak |",
+             "|" + "---|" * (12 + len(stages) - 1)]
     for r in rows:
         f = r["gflops_per_variant"]
-        lines.append(f"| {r['model']} | {r['threads']} | {r['records']} | {r['variants_per_s']:.1f} "
-                     f"| {r['wall_variants_per_s']:.1f} | " + " | ".join(f"{1e3 * f[s]:.0f}" for s in stages)
+        peaks = " / ".join(f"{v:.0f}" for v in r.get("matmul_peaks_gflops_s", {"": r["matmul_peak_gflops_s"]}).values())
+        lines.append(f"| {r['model']} | {r['threads']} | {r.get('cpu_matmul', 'default')} | {r['records']} "
+                     f"| {r['variants_per_s']:.1f} | {r['wall_variants_per_s']:.1f} "
+                     f"| {r.get('records_identical_to_default', r['records'])} | "
+                     + " | ".join(f"{1e3 * f[s]:.0f}" for s in stages)
                      + f" | {r['gflops_per_variant_total']:.3f} | {r['achieved_gflops_s']:.1f} "
-                     f"| {r['matmul_peak_gflops_s']:.1f} | {100 * r['share_of_peak']:.0f}% |")
+                     f"| {peaks} | {100 * r['share_of_peak']:.0f}% |")
     return "\n".join(lines)
 
 
@@ -315,6 +356,11 @@ def main(argv=None) -> int:
                          "(default digits-tiny,fashion-tiny; quick: digits-tiny; 'none' to skip)")
     ap.add_argument("--build-shots", type=int, default=None,
                     help="images per class the measured builds use (default 20; quick 1), 4 variants each")
+    ap.add_argument("--cpu-matmul", default=None,
+                    help="CPU matmul libraries the builds are measured with, comma-separated (default: "
+                         "default,onednn where this torch has oneDNN)")
+    ap.add_argument("--build-only", action="store_true",
+                    help="measure the builds only (no per-stage model rows, no training rows)")
     ap.add_argument("--threads", default=None, help="thread counts of the build measurement (default 1,2; quick 1)")
     ap.add_argument("--train-recipe", default=None,
                     help="recipe whose training throughput per stage is measured (default fashion-tiny; quick: "
@@ -332,14 +378,18 @@ def main(argv=None) -> int:
     if args.training_only:
         return training_only(args, device)
     repeats = args.repeats or (2 if args.quick else 5)
-    peak = matmul_peak(device)
-    print(f"matmul peak: {peak / 1e9:.1f} GFLOP/s on {device}", file=sys.stderr)
+    peaks = matmul_peaks(device)
+    peak = max(peaks.values())
+    print("matmul peak on " + str(device) + ": " + ", ".join(f"{k} {v / 1e9:.1f} GFLOP/s" for k, v in peaks.items()),
+          file=sys.stderr)
 
-    small = RCGPipeline.from_pretrained(args.model) if args.model else RCGPipeline.from_preset("tiny")
-    small_name = args.model or "tiny (random)"
-    rows = bench_model(small_name, small.to(device), [1, 8] if args.quick else [1, 8, 64], repeats=repeats,
-                       end_to_end=True, cfg=args.cfg)
-    if not args.quick:
+    rows = []
+    if not args.build_only:
+        small = RCGPipeline.from_pretrained(args.model) if args.model else RCGPipeline.from_preset("tiny")
+        small_name = args.model or "tiny (random)"
+        rows = bench_model(small_name, small.to(device), [1, 8] if args.quick else [1, 8, 64], repeats=repeats,
+                           end_to_end=True, cfg=args.cfg)
+    if not args.quick and not args.build_only:
         big = RCGPipeline.from_preset("rcg-b").to(device)
         rows += bench_model("rcg-b (ViT-B shapes, 256 px)", big, [1, 8], repeats=max(1, repeats // 2),
                             end_to_end=False, cfg=args.cfg)
@@ -351,13 +401,15 @@ def main(argv=None) -> int:
         before = torch.get_num_threads()
         for model in build_models.split(","):
             build_rows += bench_build(model, threads=threads, shots=args.build_shots or (1 if args.quick else 20),
-                                      variants=4, repeats=1 if args.quick else 2)
+                                      variants=4, repeats=1 if args.quick else 2,
+                                      backends=args.cpu_matmul.split(",") if args.cpu_matmul else None)
         torch.set_num_threads(before)
-    train_rows = measure_training(args) if device.type == "cpu" else []
+    train_rows = measure_training(args) if device.type == "cpu" and not args.build_only else []
 
     result = {
         "date": utc_now(), "machine": machine(device), "versions": versions(),
         "matmul_peak_gflops_s": peak / 1e9,
+        "matmul_peaks_gflops_s": {k: v / 1e9 for k, v in peaks.items()},
         "rows": rows,
         "build": build_rows,
         "training": train_rows,
@@ -367,7 +419,8 @@ def main(argv=None) -> int:
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"\nThroughput on {device} ({torch.get_num_threads()} threads), matmul peak {peak / 1e9:.1f} GFLOP/s, "
           f"{result['date']}\n")
-    print(table(rows, peak))
+    if rows:
+        print(table(rows, peak))
     for r in rows:
         if "end_to_end_seconds_noise0.5" in r:
             print(f"\n{r['model']} batch {r['batch']}: end-to-end reconstruct {r['end_to_end_seconds_noise0.5']:.3f} s "

@@ -33,9 +33,11 @@ from albumentations.core.utils import format_args
 from pydantic import field_validator
 
 from ._image_io import batch_to_numpy, numpy_to_batch
+from .cpu_matmul import check_cpu_matmul
+from .cpu_matmul import cpu_matmul as _cpu_matmul_mode
 from .frontend import ModelHandle, augment_batch, check_device, check_noise_level
 from .pipeline import RCGPipeline
-from .settings import DEFAULT_NOISE_LEVEL, SEED_BOUND, GenerationSettings
+from .settings import DEFAULT_CPU_MATMUL, DEFAULT_NOISE_LEVEL, SEED_BOUND, GenerationSettings
 
 
 class _Shown:
@@ -64,6 +66,8 @@ class AlbuRCGAugment(ImageOnlyTransform):
         cfg, temperature, num_iter, rdm_steps, repaint_fraction, token_temperature: generation overrides (None: the
             model's defaults); see :class:`rcg_augment.RCGAugment` (the torchvision transform).
         device: where the model runs ("cpu" by default for names and directories).
+        cpu_matmul: the library of the CPU's float32 linear layers, ``"default"`` or ``"onednn"``
+            (see :class:`rcg_augment.RCGAugment` and :mod:`rcg_augment.cpu_matmul`).
         p: probability of applying the transform.
 
     Randomness comes from ``self.random_generator`` / ``self.py_random``, which
@@ -80,6 +84,7 @@ class AlbuRCGAugment(ImageOnlyTransform):
         repaint_fraction: float | None
         token_temperature: float | None
         device: str | None
+        cpu_matmul: str
 
         @field_validator("noise_level", mode="before")
         @classmethod
@@ -115,11 +120,16 @@ class AlbuRCGAugment(ImageOnlyTransform):
         def _device(cls, value: Any) -> str | None:
             return check_device(value)
 
+        @field_validator("cpu_matmul", mode="before")
+        @classmethod
+        def _cpu_matmul(cls, value: Any) -> str:
+            return check_cpu_matmul(value)
+
     def __init__(
         self, noise_level: float | tuple[float, float] = DEFAULT_NOISE_LEVEL, *, model: str | os.PathLike | RCGPipeline = "digits-tiny",
         cfg: float | None = None, temperature: float | None = None, num_iter: int | None = None,
         rdm_steps: int | None = None, repaint_fraction: float | None = None, token_temperature: float | None = None,
-        device: str | None = None, p: float = 1.0,
+        device: str | None = None, cpu_matmul: str = DEFAULT_CPU_MATMUL, p: float = 1.0,
     ) -> None:
         super().__init__(p=p)
         self.noise_level = noise_level
@@ -127,13 +137,14 @@ class AlbuRCGAugment(ImageOnlyTransform):
         self.cfg, self.temperature, self.num_iter, self.rdm_steps = cfg, temperature, num_iter, rdm_steps
         self.repaint_fraction, self.token_temperature = repaint_fraction, token_temperature
         self.device = device
+        self.cpu_matmul = cpu_matmul
         # Outside the pydantic schema: the zoo's FileNotFoundError for a missing model must
         # surface as it is (albumentations turns other exceptions in a schema into warnings).
         self._model = ModelHandle(model, device)
 
     def get_transform_init_args_names(self) -> tuple[str, ...]:
         return ("noise_level", "model", "cfg", "temperature", "num_iter", "rdm_steps", "repaint_fraction",
-                "token_temperature", "device")
+                "token_temperature", "device", "cpu_matmul")
 
     def to_dict_private(self) -> dict[str, Any]:
         if not self._model.serialisable:
@@ -173,7 +184,8 @@ class AlbuRCGAugment(ImageOnlyTransform):
         tensor, info = numpy_to_batch(batch, shape=shape)
         levels = torch.from_numpy(np.resize(np.asarray(noise_levels, dtype=np.float64), len(tensor)))
         apply = torch.ones(len(tensor), dtype=torch.bool)
-        out = augment_batch(self._model, tensor, levels, apply, seed, self._settings)
+        with _cpu_matmul_mode(self.cpu_matmul):
+            out = augment_batch(self._model, tensor, levels, apply, seed, self._settings)
         return batch_to_numpy(out, info)
 
     def apply(self, img: np.ndarray, noise_levels: np.ndarray, seed: int, **params: Any) -> np.ndarray:

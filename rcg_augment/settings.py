@@ -49,6 +49,9 @@ SEED_BOUND = 2**62
 ADDED_LATER: dict[str, Any] = {"repaint_fraction": FULL_REPAINT, "token_temperature": OFFICIAL_TOKEN_TEMPERATURE}
 # Draws per variant when the label filter re-draws rejected variants (rcg_augment.label_filter).
 DEFAULT_MAX_ATTEMPTS = 4
+# Libraries that can compute the CPU's float32 linear layers (rcg_augment.cpu_matmul).
+CPU_MATMUL_BACKENDS = ("default", "onednn")
+DEFAULT_CPU_MATMUL = "default"
 
 
 def _float(value: Any, name: str) -> float:

@@ -30,6 +30,8 @@ from torchvision.transforms.v2 import Transform
 from torchvision.transforms.v2._utils import is_pure_tensor
 
 from ._image_io import check_image_batch
+from .cpu_matmul import check_cpu_matmul
+from .cpu_matmul import cpu_matmul as _cpu_matmul_mode
 from .frontend import (
     FrontEnd,
     ModelHandle,
@@ -40,7 +42,7 @@ from .frontend import (
     check_probability,
 )
 from .pipeline import RCGPipeline
-from .settings import DEFAULT_NOISE_LEVEL, GenerationSettings
+from .settings import DEFAULT_CPU_MATMUL, DEFAULT_NOISE_LEVEL, GenerationSettings
 
 
 # =============================================================================== torchvision transform
@@ -85,6 +87,9 @@ class RCGAugment(FrontEnd, Transform):
         seed: None draws from torch's global RNG (seed it with ``torch.manual_seed``; DataLoader
             workers are seeded per worker); an int uses a private generator (same seed, same
             sequence of outputs).
+        cpu_matmul: the library of the CPU's float32 linear layers: ``"default"`` (torch's BLAS) or
+            ``"onednn"`` (faster on some CPUs, e.g. AMD EPYC; outputs differ from the default's in
+            rounding, see :mod:`rcg_augment.cpu_matmul`). Applies in DataLoader workers too.
 
     Example::
 
@@ -99,9 +104,10 @@ class RCGAugment(FrontEnd, Transform):
         self, noise_level: float | tuple[float, float] = DEFAULT_NOISE_LEVEL, *, model: str | os.PathLike | RCGPipeline = "digits-tiny",
         p: float = 1.0, cfg: float | None = None, temperature: float | None = None, num_iter: int | None = None,
         rdm_steps: int | None = None, repaint_fraction: float | None = None, token_temperature: float | None = None,
-        device: str | torch.device | None = None, seed: int | None = None,
+        device: str | torch.device | None = None, seed: int | None = None, cpu_matmul: str = DEFAULT_CPU_MATMUL,
     ) -> None:
         super().__init__()
+        self.cpu_matmul = check_cpu_matmul(cpu_matmul)
         self.noise_level = check_noise_level(noise_level)
         self.p = check_probability(p)
         self._settings = GenerationSettings(cfg=cfg, temperature=temperature, num_iter=num_iter, rdm_steps=rdm_steps,
@@ -110,7 +116,7 @@ class RCGAugment(FrontEnd, Transform):
         self._random = RandomSource(seed)
 
     def _repr_options(self) -> list[str]:
-        return [f"p={self.p}"]
+        return [f"p={self.p}"] + ([f"cpu_matmul={self.cpu_matmul!r}"] if self.cpu_matmul != DEFAULT_CPU_MATMUL else [])
 
     def make_params(self, flat_inputs: list[Any]) -> dict[str, Any]:
         # One draw per image; several inputs in one sample share them (torchvision's convention).
@@ -118,6 +124,10 @@ class RCGAugment(FrontEnd, Transform):
         return self._random.draw(n, self.noise_level, self.p)
 
     def transform(self, inpt: Any, params: dict[str, Any]) -> Any:
+        with _cpu_matmul_mode(self.cpu_matmul):
+            return self._transform(inpt, params)
+
+    def _transform(self, inpt: Any, params: dict[str, Any]) -> Any:
         if isinstance(inpt, PIL.Image.Image):
             return augment_pil(self._model, inpt, params["noise_level"], params["apply"], params["seed"],
                                self._settings)

@@ -15,6 +15,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from rcg_augment import RCGPipeline
 from rcg_augment.albumentations import AlbuRCGAugment
+from rcg_augment.cpu_matmul import onednn_linear_available
 from rcg_augment.zoo import available_models
 
 FAST = {"num_iter": 2, "rdm_steps": 2}
@@ -43,6 +44,7 @@ def test_default_model_is_digits_tiny():
     ({"cfg": -2}, "`cfg` must be >= 0"),
     ({"device": "nowhere"}, "`device` must be a torch device"),
     ({"model": 12}, "`model` must be a named model"),
+    ({"cpu_matmul": "mkl"}, "`cpu_matmul` must be one of default, onednn, got 'mkl'"),
     ({"p": 1.5}, "less than or equal to 1"),
 ])
 def test_init_schema_rejects_bad_arguments(gray_dir, kwargs, message):
@@ -101,7 +103,7 @@ def test_to_dict_from_dict_round_trip(gray_dir, tmp_path):
     assert entry == {"__class_fullname__": "rcg_augment.albumentations.AlbuRCGAugment", "p": 0.8,
                      "noise_level": [0.1, 0.4], "model": gray_dir, "cfg": None, "temperature": None,
                      "num_iter": 2, "rdm_steps": 2, "repaint_fraction": None, "token_temperature": None,
-                     "device": None}
+                     "device": None, "cpu_matmul": "default"}
     path = tmp_path / "pipeline.json"
     A.save(tf, str(path))
     for restored in (A.from_dict(json.loads(json.dumps(data))), A.load(str(path))):
@@ -192,3 +194,19 @@ def test_the_old_name_still_imports_and_old_saved_pipelines_load(gray_dir):
     data = A.to_dict(A.Compose([AlbuRCGAugment(0.3, model=gray_dir, **FAST)]))
     data["transform"]["transforms"][0]["__class_fullname__"] = "rcg_augment.albumentations.RCGAugment"
     assert isinstance(A.from_dict(data).transforms[0], AlbuRCGAugment)
+
+
+@pytest.mark.skipif(not onednn_linear_available(), reason="this torch build has no oneDNN")
+def test_cpu_matmul_onednn_runs_the_onednn_kernel_and_serialises(gray_dir):
+    from tests.test_cpu_matmul import _kernels
+
+    aug = AlbuRCGAugment(0.3, model=gray_dir, cpu_matmul="onednn", **FAST)
+    tf = A.Compose([aug], seed=0)
+    img = image((8, 8, 3))
+    names = _kernels(lambda: tf(image=img))
+    assert any("mkldnn._linear_pointwise" in n for n in names) and not any("addmm" in n for n in names)
+    restored = A.from_dict(A.to_dict(tf))
+    assert restored.transforms[0].cpu_matmul == "onednn"
+    restored.set_random_seed(0)
+    tf.set_random_seed(0)
+    assert np.array_equal(restored(image=img)["image"], tf(image=img)["image"])  # deterministic per library

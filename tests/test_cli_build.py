@@ -51,7 +51,7 @@ def test_help_lists_every_flag(capsys):
     text = capsys.readouterr().out
     for flag in ("--input", "--out", "--variants", "--noise-level", "--shots", "--seed", "--model", "--batch-size",
                  "--device", "--cfg", "--num-iter", "--rdm-steps", "--quality-threshold", "--contact-sheet",
-                 "--repaint-fraction", "--label-filter", "--max-attempts",
+                 "--repaint-fraction", "--label-filter", "--max-attempts", "--cpu-matmul",
                  "--overwrite", "digits", "lfw-faces", "accelerate launch"):
         assert flag in text
     with pytest.raises(SystemExit):
@@ -183,3 +183,17 @@ def test_label_filter_and_repaint_fraction_flags(capsys, folder, model_dir, tmp_
     code, _, err = run(capsys, "--input", folder, "--out", tmp_path / "x", "--model", model_dir, "--variants", 1,
                        "--noise-level", 0.3, "--repaint-fraction", 0.2, *FAST)
     assert code != 0 and "`--repaint-fraction` must be in [0.5, 1]" in err  # the flag, not the Python name
+
+
+def test_cpu_matmul_flag(capsys, folder, model_dir, tmp_path):
+    from rcg_augment.cpu_matmul import onednn_linear_available
+
+    out = tmp_path / "cache"
+    backend = "onednn" if onednn_linear_available() else "default"
+    code, _, err = run(capsys, "--input", folder, "--out", out, "--model", model_dir, "--variants", 1,
+                       "--noise-level", 0.3, "--cpu-matmul", backend, *FAST)
+    assert code == 0, err
+    assert json.loads((out / "manifest.json").read_text()).get("cpu_matmul", "default") == backend
+    with pytest.raises(SystemExit):
+        main(["build", "--input", str(folder), "--out", str(tmp_path / "x"), "--cpu-matmul", "mkl"])
+    assert "invalid choice: 'mkl'" in capsys.readouterr().err

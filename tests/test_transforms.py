@@ -17,6 +17,7 @@ from torchvision.transforms import v2
 
 from rcg_augment import RCGAugment, RCGPipeline
 from rcg_augment import frontend as rt
+from rcg_augment.cpu_matmul import onednn_linear_available
 from rcg_augment.zoo import available_models
 
 FAST = {"num_iter": 2, "rdm_steps": 2}
@@ -336,3 +337,20 @@ def test_plumbing_lives_apart_from_the_transform_class():
     with pytest.raises(AttributeError):
         transforms_module.no_such_name  # noqa: B018
     assert importlib.import_module("rcg_augment.frontend").numpy_to_batch is _image_io.numpy_to_batch
+
+
+@pytest.mark.skipif(not onednn_linear_available(), reason="this torch build has no oneDNN")
+def test_cpu_matmul_onednn_runs_the_onednn_kernel_and_pickles(gray_dir):
+    from tests.test_cpu_matmul import _kernels
+
+    aug = RCGAugment(0.3, model=gray_dir, seed=0, cpu_matmul="onednn", **FAST)
+    assert "cpu_matmul='onednn'" in repr(aug) and "cpu_matmul" not in repr(RCGAugment(model=gray_dir, **FAST))
+    x = torch.rand(3, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    names = _kernels(lambda: aug(x))
+    assert any("mkldnn._linear_pointwise" in n for n in names) and not any("addmm" in n for n in names)
+    a, b = RCGAugment(0.3, model=gray_dir, seed=0, cpu_matmul="onednn", **FAST), pickle.loads(pickle.dumps(aug))
+    assert b.cpu_matmul == "onednn"
+    b = RCGAugment(0.3, model=gray_dir, seed=0, cpu_matmul="onednn", **FAST)
+    assert torch.equal(a(x), b(x))  # same seed, same library: the same output
+    with pytest.raises(ValueError, match="`cpu_matmul` must be one of default, onednn"):
+        RCGAugment(model=gray_dir, cpu_matmul="mkl")

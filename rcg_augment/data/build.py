@@ -36,6 +36,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ..cpu_matmul import DEFAULT_CPU_MATMUL, check_cpu_matmul
+from ..cpu_matmul import cpu_matmul as _cpu_matmul_mode
 from ..label_filter import DEFAULT_MAX_ATTEMPTS, PrototypeFilter, _reconstruct_with_labels
 from ..settings import FULL_REPAINT, GenerationSettings
 from .cache_files import (
@@ -213,7 +215,7 @@ def build_synthetic(
     token_temperature: float | None = None, shots: int | None = None, quality_threshold: float | None = None,
     label_filter: bool = False, max_attempts: int = DEFAULT_MAX_ATTEMPTS, pool=None, neighbours: int = 0,
     pool_cache_dir: str | os.PathLike | None = None, refuse_channel_mismatch: bool = False,
-    overwrite: bool = False, progress: bool = True,
+    overwrite: bool = False, progress: bool = True, cpu_matmul: str = DEFAULT_CPU_MATMUL,
     process_index: int = 0, num_processes: int = 1, records_per_shard: int | None = None,
     device: str | torch.device | None = None, barrier: Callable[[], None] | None = None,
 ) -> BuildSummary:
@@ -256,6 +258,9 @@ def build_synthetic(
             warning (the variants come out grey); True makes it an error.
         overwrite: delete an existing cache in ``out_dir`` first (any settings).
         progress: show a tqdm bar (images/s, ETA).
+        cpu_matmul: the library of the CPU's float32 linear layers, ``"default"`` (torch's BLAS) or
+            ``"onednn"`` (faster on some CPUs, outputs differ in rounding; see
+            :mod:`rcg_augment.cpu_matmul`). Part of the cache's identity when not the default.
         process_index, num_processes: this process's share of a distributed build; shard ``s``
             belongs to process ``s % num_processes``. Each process writes its own shards; the last
             to find all shards complete writes ``manifest.json`` (with ``barrier``: process 0).
@@ -291,6 +296,7 @@ def build_synthetic(
     if records_per_shard < batch_size or records_per_shard % batch_size:
         raise ValueError(f"`records_per_shard` must be a positive multiple of `batch_size` ({batch_size}), "
                          f"got {records_per_shard}")
+    check_cpu_matmul(cpu_matmul)
     levels = _noise_levels(noise_level)
     out_dir = Path(out_dir)
     for name, folder in (("input", source), ("pool", pool)):
@@ -313,31 +319,34 @@ def build_synthetic(
     was_training = pipe.training
     pipe.eval()
     try:
-        # Each source is encoded once; the label filter's prototypes and the pool search share it.
-        reps = _source_representations(pipe, sel, batch_size) if (label_filter or pool is not None) else None
-        prototypes = _prototypes(sel, reps) if label_filter else None
-        retrieval = (_retrieve(pipe, sel, reps, source, pool, int(neighbours), prototypes, batch_size=batch_size,
-                               cache_dir=pool_cache_dir, progress=progress) if pool is not None else None)
-        plan = _plan(pipe, model_name, sel, layout, resolved, requested, seed=seed, shots=shots,
-                     batch_size=batch_size, records_per_shard=records_per_shard, quality_threshold=quality_threshold,
-                     label_filter=label_filter, max_attempts=max_attempts, retrieval=retrieval)
-        job = _Job(pipe, sel, layout, plan, resolved, seed=int(seed), batch_size=int(batch_size),
-                   records_per_shard=int(records_per_shard), quality_threshold=quality_threshold,
-                   prototypes=prototypes, max_attempts=int(max_attempts), retrieval=retrieval, source_reps=reps)
-        if out_dir.exists():  # refuse a foreign folder before the lock file is made in it
-            check_out_dir(out_dir, overwrite=overwrite)
-        out_dir.mkdir(parents=True, exist_ok=True)
-        lock = BuildLock(out_dir, process_index, num_processes)
-        try:
-            _prepare_out_dir(out_dir, plan, overwrite=overwrite, process_index=process_index,
-                             num_processes=num_processes, barrier=barrier)
-            todo, own_meta = _pending_shards(out_dir, job, process_index, num_processes)
-            resumed = len(own_meta)
-            written, generated, gen_seconds = _write_shards(out_dir, job, todo, own_meta, progress=progress,
-                                                            bar_position=process_index if num_processes > 1 else None)
-            metas, complete = _finish(out_dir, job, own_meta, process_index, num_processes, barrier)
-        finally:
-            lock.release()
+        # CPU linear layers on the chosen library (the default: nothing changes)
+        with _cpu_matmul_mode(cpu_matmul if pipe.device.type == "cpu" else DEFAULT_CPU_MATMUL):
+            # Each source is encoded once; the label filter's prototypes and the pool search share it.
+            reps = _source_representations(pipe, sel, batch_size) if (label_filter or pool is not None) else None
+            prototypes = _prototypes(sel, reps) if label_filter else None
+            retrieval = (_retrieve(pipe, sel, reps, source, pool, int(neighbours), prototypes, batch_size=batch_size,
+                                   cache_dir=pool_cache_dir, progress=progress) if pool is not None else None)
+            plan = _plan(pipe, model_name, sel, layout, resolved, requested, seed=seed, shots=shots,
+                         batch_size=batch_size, records_per_shard=records_per_shard, quality_threshold=quality_threshold,
+                         label_filter=label_filter, max_attempts=max_attempts, retrieval=retrieval,
+                         cpu_matmul=cpu_matmul)
+            job = _Job(pipe, sel, layout, plan, resolved, seed=int(seed), batch_size=int(batch_size),
+                       records_per_shard=int(records_per_shard), quality_threshold=quality_threshold,
+                       prototypes=prototypes, max_attempts=int(max_attempts), retrieval=retrieval, source_reps=reps)
+            if out_dir.exists():  # refuse a foreign folder before the lock file is made in it
+                check_out_dir(out_dir, overwrite=overwrite)
+            out_dir.mkdir(parents=True, exist_ok=True)
+            lock = BuildLock(out_dir, process_index, num_processes)
+            try:
+                _prepare_out_dir(out_dir, plan, overwrite=overwrite, process_index=process_index,
+                                 num_processes=num_processes, barrier=barrier)
+                todo, own_meta = _pending_shards(out_dir, job, process_index, num_processes)
+                resumed = len(own_meta)
+                written, generated, gen_seconds = _write_shards(out_dir, job, todo, own_meta, progress=progress,
+                                                                bar_position=process_index if num_processes > 1 else None)
+                metas, complete = _finish(out_dir, job, own_meta, process_index, num_processes, barrier)
+            finally:
+                lock.release()
     finally:
         pipe.train(was_training)
     classes = list(sel.source.classes)
@@ -496,7 +505,7 @@ def _retrieve(pipe, sel: _Selection, reps: torch.Tensor, source, pool, k: int, p
 
 def _plan(pipe, model_name, sel: _Selection, layout: _Layout, resolved: GenerationSettings, requested: dict, *,
           seed, shots, batch_size, records_per_shard, quality_threshold, label_filter, max_attempts,
-          retrieval: _Retrieval | None) -> dict:
+          retrieval: _Retrieval | None, cpu_matmul: str = DEFAULT_CPU_MATMUL) -> dict:
     """What the cache is: its identity (the spec keys) and provenance, written as plan.json."""
     n_records = len(sel.indices) * layout.per_source
     order = ("source-major: record r = (source r // V, variant r % V), noise_levels[variant // variants_per_image]"
@@ -532,6 +541,8 @@ def _plan(pipe, model_name, sel: _Selection, layout: _Layout, resolved: Generati
                         "neighbours_sha256": hashlib.sha256(np.ascontiguousarray(retrieval.index, dtype="<i8")
                                                             .tobytes()).hexdigest()}
         plan["provenance"]["pool"] = retrieval.pool.name
+    if cpu_matmul != DEFAULT_CPU_MATMUL and pipe.device.type == "cpu":  # absent at the default: older caches resume
+        plan["cpu_matmul"] = cpu_matmul
     return plan
 
 

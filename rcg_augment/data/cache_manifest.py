@@ -30,7 +30,9 @@ CACHE_FORMAT = "rcg-augment/synthetic-cache"
 CACHE_FORMAT_VERSION = 2
 # Plan keys that must match for a rerun to resume; everything else in the plan is provenance.
 SPEC_KEYS = ("format", "format_version", "model", "source", "generation", "seed", "layout",
-             "quality_threshold", "versions", "device", "pool")
+             "quality_threshold", "versions", "device", "pool", "cpu_matmul")
+
+OPTIONAL_SPEC_KEYS = ("pool", "cpu_matmul")
 
 
 class StaleCacheError(ValueError):
@@ -82,8 +84,9 @@ def describe_differences(old: dict, new: dict, prefix: str = "") -> list[str]:
 
 
 def spec_of(plan: dict) -> dict:
-    """The plan's identity: ``pool`` counts only when the build has one."""
-    return {k: plan.get(k) for k in SPEC_KEYS if k != "pool" or plan.get("pool") is not None}
+    """The plan's identity: ``pool`` and ``cpu_matmul`` count only when the build has them (so caches
+    built before they existed, or without them, keep their identity)."""
+    return {k: plan.get(k) for k in SPEC_KEYS if k not in OPTIONAL_SPEC_KEYS or plan.get(k) is not None}
 
 
 def hash_spec(spec: dict) -> str:

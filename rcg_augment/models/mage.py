@@ -117,7 +117,8 @@ class MLMHead(nn.Module):
 
     def forward(self, x: torch.Tensor, word_embeddings: torch.Tensor) -> torch.Tensor:
         h = self.ln(F.gelu(self.fc(x)))
-        return h @ word_embeddings.detach().t() + self.bias
+        # F.linear, not h @ w.t(): the same BLAS call, and rcg_augment.cpu_matmul can route it
+        return F.linear(h, word_embeddings.detach()) + self.bias
 
 
 class MAGE(nn.Module):

@@ -26,16 +26,27 @@ def test_throughput_quick(tmp_path):
     for row in data["rows"]:
         assert row["images_per_s"] > 0 and row["gflops_per_image"] > 0
         assert set(row["stage_seconds_per_batch"]) == {"encoder", "rdm", "mage", "decode"}
-    # the build at digits-tiny's defaults: a rate, FLOPs by stage that add up, a share of the peak
-    (build,) = data["build"]
-    assert build["model"] == "digits-tiny" and build["threads"] == 1 and build["records"] == 40
-    assert build["variants_per_s"] > 0 and build["wall_variants_per_s"] > 0
-    stages = build["gflops_per_variant"]
-    assert set(stages) == {"encoder", "rdm", "mage", "vq_encode", "vq_decode", "other"}
-    assert stages["mage"] > stages["encoder"] > 0 and stages["vq_decode"] > 0 and stages["rdm"] > 0
-    assert abs(sum(stages.values()) - build["gflops_per_variant_total"]) < 1e-6
-    assert 0 < build["share_of_peak"] < 1.5
-    assert "share of peak" in proc.stdout
+    # the build at digits-tiny's defaults with each CPU matmul library: a rate, FLOPs by stage that
+    # add up, a share of the faster library's peak, the records equal to the default build's
+    from rcg_augment.cpu_matmul import onednn_linear_available
+
+    backends = ["default", "onednn"] if onednn_linear_available() else ["default"]
+    assert [b["cpu_matmul"] for b in data["build"]] == backends
+    assert set(data["matmul_peaks_gflops_s"]) == set(backends)
+    assert data["matmul_peak_gflops_s"] == max(data["matmul_peaks_gflops_s"].values())
+    for build in data["build"]:
+        assert build["model"] == "digits-tiny" and build["threads"] == 1 and build["records"] == 40
+        assert build["variants_per_s"] > 0 and build["wall_variants_per_s"] > 0
+        stages = build["gflops_per_variant"]
+        assert set(stages) == {"encoder", "rdm", "mage", "vq_encode", "vq_decode", "other"}
+        assert stages["mage"] > stages["encoder"] > 0 and stages["vq_decode"] > 0 and stages["rdm"] > 0
+        assert abs(sum(stages.values()) - build["gflops_per_variant_total"]) < 1e-6
+        assert build["matmul_peak_gflops_s"] == max(build["matmul_peaks_gflops_s"].values())
+        assert build["share_of_peak"] == pytest.approx(build["achieved_gflops_s"] / build["matmul_peak_gflops_s"])
+        assert 0 < build["share_of_peak"] < 1.5
+        assert 0 <= build["records_identical_to_default"] <= build["records"]
+    assert data["build"][0]["records_identical_to_default"] == 40  # the default build against itself
+    assert "share of the peak" in proc.stdout and "| digits-tiny | 1 | default |" in proc.stdout
     # training throughput per stage of the quick recipe (digits-tiny: every stage, from scratch)
     stages = [r["stage"] for r in data["training"]]
     assert stages == ["encoder", "tokenizer", "rdm", "mage"]

@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from rcg_augment.cpu_matmul import onednn_linear_available
 from rcg_augment.data import (
     BuildLockedError,
     SourceError,
@@ -519,3 +520,26 @@ def test_settings_added_later_are_part_of_the_identity(image_folder, tmp_path, t
     assert set(record_hashes(moved)).isdisjoint(record_hashes(default))
     with pytest.raises(StaleCacheError, match=name):
         build(image_folder, moved, tiny_pipeline, **{name: other})
+
+
+# ------------------------------------------------------------------------------------ cpu_matmul
+@pytest.mark.skipif(not onednn_linear_available(), reason="this torch build has no oneDNN")
+def test_onednn_build_is_deterministic_and_part_of_the_identity(image_folder, tmp_path, tiny_pipeline):
+    default = tmp_path / "default"
+    build(image_folder, default, tiny_pipeline)
+    assert "cpu_matmul" not in json.loads((default / "manifest.json").read_text())  # old caches keep their identity
+
+    out = tmp_path / "onednn"
+    s = build(image_folder, out, tiny_pipeline, cpu_matmul="onednn")
+    assert s.complete and s.records == 12
+    assert json.loads((out / "manifest.json").read_text())["cpu_matmul"] == "onednn"
+    first = record_hashes(out)
+    assert build(image_folder, out, tiny_pipeline, cpu_matmul="onednn").records_written == 0  # resumes
+    with pytest.raises(StaleCacheError, match="cpu_matmul"):
+        build(image_folder, out, tiny_pipeline)  # the default library would mix two kinds of records
+    with pytest.raises(StaleCacheError, match="cpu_matmul"):
+        build(image_folder, default, tiny_pipeline, cpu_matmul="onednn")
+    assert build(image_folder, out, tiny_pipeline, cpu_matmul="onednn", overwrite=True).records_written == 12
+    assert record_hashes(out) == first  # same seed, same library: the same records
+    with pytest.raises(ValueError, match="`cpu_matmul` must be one of default, onednn"):
+        build(image_folder, tmp_path / "bad", tiny_pipeline, cpu_matmul="mkl")
