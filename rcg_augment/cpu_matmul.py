@@ -6,7 +6,6 @@ runs at about 45% of the rate oneDNN reaches on the same matrices (benchmarks/th
 measures both). ``cpu_matmul("onednn")`` routes every eligible ``F.linear`` inside it through
 oneDNN (``torch.ops.mkldnn._linear_pointwise``, the kernel torch.compile's CPU backend uses):
 
-    import rcg_augment
     from rcg_augment.cpu_matmul import cpu_matmul
 
     with cpu_matmul("onednn"):
@@ -68,7 +67,8 @@ class _OneDNNLinear(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if func is F.linear:
-            x, weight = args[0], args[1] if len(args) > 1 else kwargs.get("weight")
+            x = args[0] if args else kwargs.get("input")
+            weight = args[1] if len(args) > 1 else kwargs.get("weight")
             bias = args[2] if len(args) > 2 else kwargs.get("bias")
             if _routable(x, weight, bias):
                 return torch.ops.mkldnn._linear_pointwise(x.contiguous(), weight.contiguous(), bias, "none", [], "")

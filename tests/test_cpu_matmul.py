@@ -98,3 +98,13 @@ def test_mode_ends_with_the_block():
         with cpu_matmul("onednn"):
             pass
         assert not any("mkldnn" in n for n in _kernels(lambda: F.linear(x, w)))
+
+
+@needs_onednn
+def test_keyword_arguments_are_routed_too():
+    x, w, b = torch.randn(4, 8), torch.randn(3, 8), torch.randn(3)
+    with torch.no_grad(), cpu_matmul("onednn"):
+        names = _kernels(lambda: F.linear(input=x, weight=w, bias=b))
+        got = F.linear(input=x, weight=w, bias=b)
+    assert any("mkldnn._linear_pointwise" in n for n in names)
+    torch.testing.assert_close(got, F.linear(x, w, b), rtol=1e-5, atol=1e-5)
