@@ -319,8 +319,9 @@ def build_synthetic(
     was_training = pipe.training
     pipe.eval()
     try:
-        # CPU linear layers on the chosen library (the default: nothing changes)
-        with _cpu_matmul_mode(cpu_matmul if pipe.device.type == "cpu" else DEFAULT_CPU_MATMUL):
+        # CPU linear layers on the chosen library (the default, or a pipeline off the CPU: nothing changes)
+        matmul = cpu_matmul if pipe.device.type == "cpu" else DEFAULT_CPU_MATMUL
+        with _cpu_matmul_mode(matmul):
             # Each source is encoded once; the label filter's prototypes and the pool search share it.
             reps = _source_representations(pipe, sel, batch_size) if (label_filter or pool is not None) else None
             prototypes = _prototypes(sel, reps) if label_filter else None
@@ -329,7 +330,7 @@ def build_synthetic(
             plan = _plan(pipe, model_name, sel, layout, resolved, requested, seed=seed, shots=shots,
                          batch_size=batch_size, records_per_shard=records_per_shard, quality_threshold=quality_threshold,
                          label_filter=label_filter, max_attempts=max_attempts, retrieval=retrieval,
-                         cpu_matmul=cpu_matmul)
+                         cpu_matmul=matmul)
             job = _Job(pipe, sel, layout, plan, resolved, seed=int(seed), batch_size=int(batch_size),
                        records_per_shard=int(records_per_shard), quality_threshold=quality_threshold,
                        prototypes=prototypes, max_attempts=int(max_attempts), retrieval=retrieval, source_reps=reps)
@@ -541,7 +542,7 @@ def _plan(pipe, model_name, sel: _Selection, layout: _Layout, resolved: Generati
                         "neighbours_sha256": hashlib.sha256(np.ascontiguousarray(retrieval.index, dtype="<i8")
                                                             .tobytes()).hexdigest()}
         plan["provenance"]["pool"] = retrieval.pool.name
-    if cpu_matmul != DEFAULT_CPU_MATMUL and pipe.device.type == "cpu":  # absent at the default: older caches resume
+    if cpu_matmul != DEFAULT_CPU_MATMUL:  # absent at the default: older caches resume
         plan["cpu_matmul"] = cpu_matmul
     return plan
 
